@@ -438,30 +438,7 @@ def load_pi3(
     Returns:
         The model in ``eval()`` mode, ``model_id`` = ``str(source)``.
     """
-    # Generic checkpoint helpers live with the VGGT loader (the one place that reads weights).
-    from hess.models.load import (
-        StateDictMismatchError, _mismatch_report, _parse_dtype, compare_state_dict, read_state_dict, resolve_source,
-    )
+    from hess.models.load import load_checkpoint  # the one place that reads weights
 
-    torch_dtype, device = _parse_dtype(dtype), torch.device(device)
-    weights, found_config = resolve_source(source)
-    state_dict = read_state_dict(weights)
-    arch = config if config is not None else (found_config if found_config is not None else "pi3")
-    model = build_pi3(arch, device="meta")
-    missing, unexpected, mismatched = compare_state_dict(model, state_dict)
-    if missing or unexpected or mismatched:
-        report = _mismatch_report(str(weights), missing, unexpected, mismatched)
-        if strict:
-            raise StateDictMismatchError(report)
-        warnings.warn(report, stacklevel=2)
-        bad = {m.split(":")[0] for m in mismatched}
-        state_dict = {k: v for k, v in state_dict.items() if k not in bad and k not in unexpected}
-    state_dict = {k: v.to(device=device, dtype=torch_dtype if v.is_floating_point() else v.dtype)
-                  for k, v in state_dict.items()}
-    if missing or mismatched:  # something stays randomly initialised: pay for a real build
-        model = build_pi3(arch, device=device, dtype=torch_dtype)
-        model.load_state_dict(state_dict, strict=False)
-    else:  # every tensor comes from the checkpoint: assign into the meta-built model
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    model.model_id = str(source)
-    return model.eval()
+    return load_checkpoint(build_pi3, source, default_config="pi3", config=config, dtype=dtype,
+                           device=device, strict=strict)
