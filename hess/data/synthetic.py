@@ -205,6 +205,12 @@ def forward_preset(rng: np.random.Generator, opts: SyntheticOptions):
 
 
 # ------------------------------------------------------------------------------------------ rendering
+#: The scene distribution of the embedded default model ``hess-tiny`` (its training data, the demo's
+#: evaluation scenes): small-arc orbits, 4 views of 84×84, fixed-ish FoV, little roll.
+EMBEDDED_SCENE_OPTIONS: dict[str, Any] = dict(preset="orbit", num_frames=4, height=84, width=84,
+                                              arc_deg=(8.0, 40.0), fov_deg=(50.0, 60.0), roll_deg=2.0)
+
+
 def make_scene(seed: int | Sequence[int], *, scene_id: str | None = None, category: str | None = None,
                **options: Any) -> Scene:
     """Render ONE synthetic scene, deterministic in (seed, options).

@@ -281,3 +281,10 @@ def load_vggt(
     """
     return load_checkpoint(build_vggt, source, default_config="vggt-1b", config=config, dtype=dtype,
                            device=device, strict=strict)
+
+
+EMBEDDED_CHECKPOINTS.register("hess-tiny")(EmbeddedCheckpoint(
+    path="hess_tiny.safetensors",
+    config=str(ASSETS_DIR / "hess_tiny.json"),
+    description="small VGGT trained by hess on synthetic orbits (84x84, 4 frames); see hess/assets/MODEL_CARD.md",
+))

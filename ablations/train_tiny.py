@@ -1,0 +1,79 @@
+"""Train and evaluate the embedded ``hess-tiny`` VGGT (the recipe of ``hess/assets/MODEL_CARD.md``).
+
+Train: the exact two-phase commands are in ``hess/assets/MODEL_CARD.md`` ("Recipe"); the first renders
+the 2,400-scene bank (``--render-bank 0-1200,4000-5200``), then trains on one CPU thread.
+
+Evaluate a checkpoint on the held-out test split (60 scenes, 4 views, frame order shuffled per scene)
+with dense / restricted / sparse global attention and the baselines; writes a JSON beside it:
+
+    python ablations/train_tiny.py runs/hess-tiny/model.safetensors --num-test 60
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hess.evaluate import constant_pose_metrics, eval_scenes_default, evaluate_model, mean_pose_encoding
+from hess.models import build_vggt
+from hess.patch import SparsePlan
+
+#: Uniform block sparsity used in the card: 4 views x 36 patches, k-blocks of 6 -> 24 key blocks.
+SPARSE_90 = SparsePlan(keep_ratio=0.1, q_block=12, k_block=6)
+SPARSE_75 = SparsePlan(keep_ratio=0.25, q_block=12, k_block=6)
+COLUMNS = ("auc30", "auc15", "rra15", "rta15", "chamfer", "point_err", "chamfer_f0", "abs_rel")
+
+
+def load(path: Path) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    model = build_vggt(json.loads(path.with_suffix(".json").read_text()))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def report(path: Path, num_test: int, seed: int = 0) -> dict:
+    torch.set_num_threads(2)
+    t0 = time.time()
+    scenes = eval_scenes_default("test", num_test, seed=seed)
+    model = load(path)
+    rows: dict[str, dict] = {}
+    for name, attention in (("dense", "dense"), ("own frame + special tokens", "frame-local"),
+                            ("own frame only", "frame-only"), ("uniform 75% block-sparse", SPARSE_75),
+                            ("uniform 90% block-sparse", SPARSE_90)):
+        rows[name] = evaluate_model(model, scenes, attention=attention)
+    torch.manual_seed(seed)
+    rows["random-init model"] = evaluate_model(build_vggt(json.loads(path.with_suffix(".json").read_text())), scenes)
+    train_scenes = eval_scenes_default("train", 48, seed=seed)
+    rows["constant: no motion"] = constant_pose_metrics(scenes)
+    rows["constant: mean train pose"] = constant_pose_metrics(scenes, mean_pose_encoding(train_scenes))
+    for side, label in ((1, ">"), (-1, "<")):
+        rows[f"constant: mean train pose with t_x {label} 0"] = constant_pose_metrics(
+            scenes, mean_pose_encoding(train_scenes, side))
+    out = {"checkpoint": str(path), "num_test_scenes": num_test, "rows": rows, "eval_seconds": time.time() - t0}
+    path.with_name(path.stem + "_eval.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| model / global attention | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, m in result["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" if c in m else "—" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--num-test", type=int, default=60)
+    a = p.parse_args(argv)
+    print(markdown(report(a.checkpoint, a.num_test)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""``hess train``: train the small embedded VGGT (``hess-tiny``) on synthetic orbit scenes.
+
+    cfg = TrainConfig(out_dir="runs/tiny", minutes=60)
+    path = train(cfg)                          # -> out_dir/model.safetensors (+ config.json, log.csv)
+    python -m hess.train --out-dir runs/tiny --minutes 60
+
+Regime (see ``hess/assets/MODEL_CARD.md``): a bank of pre-rendered 4-view orbit scenes on small arcs;
+each step samples S frames of B scenes in random order (curriculum: S = 2 first, then 2..4), with a
+random horizontal mirror.  Losses (``hess.losses``): VGGT camera loss, frame-0-coordinate point-map loss,
+cross-view attention supervision of one head per global layer and a correspondence-location head
+(training only, never shipped).  Deterministic by seed; resumable from ``out_dir/ckpt.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from hess.data.synthetic import EMBEDDED_SCENE_OPTIONS
+from hess.data.geometry import unproject_depth
+from hess.data.splits import scene_key
+
+#: Synthetic options of the training bank and of the test split (``hess.data.synthetic``).
+SCENE_OPTIONS: dict[str, Any] = EMBEDDED_SCENE_OPTIONS  # the embedded model's training distribution
+
+
+# ------------------------------------------------------------------------------------------ scene bank
+def render_bank(path: str | os.PathLike, split: str, start: int, count: int, seed: int = 0,
+                options: Optional[dict] = None) -> Path:
+    """Render scenes ``start..start+count-1`` of ``split`` into one shard file.
+
+    A shard holds ``images`` [N, S, 3, H, W] uint8, ``depth`` [N, S, H, W] float32, ``extrinsics``
+    [N, S, 3, 4], ``intrinsics`` [N, S, 3, 3] (raw world units) and the scene keys.
+    """
+    from hess.data.synthetic import make_scene
+
+    opts = {**SCENE_OPTIONS, **(options or {})}
+    imgs, depth, ext, intr, keys = [], [], [], [], []
+    for k in range(start, start + count):
+        key = scene_key(split, k, seed)
+        sc = make_scene(key, **opts)
+        imgs.append((sc.images * 255).round().to(torch.uint8))
+        depth.append(sc.depth.float())
+        ext.append(sc.extrinsics.float())
+        intr.append(sc.intrinsics.float())
+        keys.append(list(key))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    torch.save({"images": torch.stack(imgs), "depth": torch.stack(depth), "extrinsics": torch.stack(ext),
+                "intrinsics": torch.stack(intr), "keys": keys, "options": opts}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def load_bank(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """Concatenate every ``shard_*.pt`` of ``directory`` (sorted by name)."""
+    shards = sorted(Path(directory).glob("shard_*.pt"))
+    if not shards:
+        raise FileNotFoundError(f"no shard_*.pt in {directory}; render them with hess.train.render_bank")
+    parts = [torch.load(s, weights_only=False) for s in shards]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("images", "depth", "extrinsics", "intrinsics")}
+
+
+
+# ------------------------------------------------------------------------------------------- config
+#: Architecture of ``hess-tiny`` (sectioned ``build_vggt`` config; no depth or track head).
+TINY_MODEL_CONFIG: dict[str, Any] = {
+    "name": "hess-tiny",
+    "aggregator": dict(img_size=84, patch_size=14, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+                       num_register_tokens=4, patch_embed="conv", qk_norm=True, rope_freq=100, init_values=1.0),
+    "camera_head": dict(trunk_depth=1, num_heads=4, init_values=1.0),
+    "point_head": dict(output_dim=4, activation="inv_log", conf_activation="expp1", features=16,
+                       out_channels=[16, 16, 32, 32], intermediate_layer_idx=[0, 1, 2, 3]),
+    "depth_head": None,
+    "track_head": None,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved beside the checkpoint).
+
+    steps: optimiser steps (the cosine schedule spans them); minutes / stop_at: optional wall-clock or
+    step cap (the run saves and stops; rerun the same command to resume).  eval_scenes = 0: no eval.  curriculum_steps: S = 2 adjacent-view pairs
+    before it, then S ∈ frames_range with any views.  w_*: loss weights (0 disables a loss); the
+    shipped hess-tiny used the defaults (w_dir = w_probe = 0: the deep pose probes and the translation
+    direction loss are untested options).
+    """
+
+    out_dir: str = "runs/hess-tiny"
+    bank_dir: str = "/tmp/hess_bank"
+    seed: int = 0
+    steps: int = 8000
+    minutes: Optional[float] = None
+    stop_at: Optional[int] = None
+    batch_size: int = 8
+    frames_range: tuple[int, int] = (2, 4)
+    curriculum_steps: int = 1500
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    clip: float = 1.0
+    w_camera: float = 2.0
+    w_point: float = 1.0
+    w_attn: float = 0.5
+    w_loc: float = 1.0
+    w_probe: float = 0.0
+    w_dir: float = 0.0
+    attn_heads: tuple[int, ...] = (0,)
+    eval_every: int = 500
+    eval_scenes: int = 24
+    save_every_s: float = 180.0
+    threads: int = 2
+    wandb: bool = True
+    model: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_MODEL_CONFIG)))
+
+
+# ------------------------------------------------------------------------------------------ training
+LOG_COLUMNS = ("total", "camera", "point", "attn", "loc", "dir", "probe", "grad_norm")   # log.csv after step, seconds, S
+
+
+def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "token" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sample(gen: torch.Generator, n_bank: int, views: int, cfg: TrainConfig, step: int):
+    B = cfg.batch_size
+    scene_idx = torch.randint(n_bank, (B,), generator=gen)
+    mirror = torch.rand(B, generator=gen) < 0.5
+    if step < cfg.curriculum_steps:                                          # adjacent pair, random order
+        a = torch.randint(views - 1, (B,), generator=gen)
+        swap = torch.rand(B, generator=gen) < 0.5
+        frames = torch.stack([torch.where(swap, a + 1, a), torch.where(swap, a, a + 1)], 1)
+    else:
+        lo, hi = cfg.frames_range
+        S = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        frames = torch.stack([torch.randperm(views, generator=gen)[:S] for _ in range(B)])
+    return scene_idx, frames, mirror
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    prog = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+class Trainer:
+    """Model + training-only modules + optimiser; ``step(batch) -> dict of losses``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from hess.losses import AttentionProbe, LocationHead, PoseProbes
+        from hess.models import build_vggt
+
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.model = build_vggt(cfg.model)
+        self.model.aggregator.use_checkpoint = False
+        self.loc_head = LocationHead(2 * cfg.model["aggregator"]["embed_dim"])
+        self.pose_probes = (PoseProbes(2 * cfg.model["aggregator"]["embed_dim"], cfg.model["aggregator"]["depth"])
+                            if cfg.w_probe > 0 else None)
+        self.aux = torch.nn.ModuleList([m for m in (self.loc_head, self.pose_probes) if m is not None])  # never exported
+        self.probes = []
+        if cfg.w_attn > 0:
+            for attn in self.model.global_attention_layers():
+                attn.core = AttentionProbe(cfg.attn_heads)
+                self.probes.append(attn.core)
+        params = _param_groups(self.model, cfg.weight_decay) + _param_groups(self.aux, cfg.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
+
+    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from hess.losses import (attention_match_loss, camera_loss, location_loss, point_loss,
+                                 translation_direction_loss)
+
+        cfg, model = self.cfg, self.model
+        tokens, ps = model.aggregator(batch["images"])
+        out: dict[str, Tensor] = {}
+        pose_list = model.camera_head(tokens)
+        out["camera"] = camera_loss(pose_list, batch["pose_enc"])
+        if cfg.w_dir > 0:
+            out["dir"] = translation_direction_loss(pose_list[-1], batch["pose_enc"])
+        if cfg.w_probe > 0:
+            out["probe"] = torch.stack([(p - batch["pose_enc"]).abs().mean() for p in self.pose_probes(tokens)]).mean()
+        if cfg.w_point > 0:
+            pts, conf = model.point_head(tokens, images=batch["images"], patch_start_idx=ps)
+            out["point"] = point_loss(pts, conf, batch["points"], batch["valid"])
+        if cfg.w_attn > 0:
+            out["attn"] = torch.stack([attention_match_loss(p.logits, batch["match"], ps) for p in self.probes]).mean()
+        if cfg.w_loc > 0:
+            out["loc"] = location_loss(self.loc_head(tokens[-1][:, :, ps:]), batch["loc0"], batch["loc0_valid"])
+        weights = {"camera": cfg.w_camera, "point": cfg.w_point, "attn": cfg.w_attn, "loc": cfg.w_loc,
+                   "dir": cfg.w_dir, "probe": cfg.w_probe}
+        out["total"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def step(self, batch: dict[str, Tensor], lr: float) -> dict[str, float]:
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        out = self.losses(batch)
+        if not torch.isfinite(out["total"]):
+            raise FloatingPointError(f"non-finite loss: { {k: float(v) for k, v in out.items()} }")
+        self.opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.aux.parameters()), self.cfg.clip)
+        self.opt.step()
+        return {**{k: v.item() for k, v in out.items()}, "grad_norm": gn.item()}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "aux": self.aux.state_dict(), "opt": self.opt.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if "aux" in state:
+            self.aux.load_state_dict(state["aux"])
+        else:                                                                 # checkpoints before PoseProbes
+            self.loc_head.load_state_dict(state["loc_head"])
+        self.opt.load_state_dict(state["opt"])
+
+    def export(self, path: Path) -> Path:
+        """The shipped VGGT only: safetensors (fp32) and its config beside it."""
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        save_file(sd, str(path))
+        path.with_suffix(".json").write_text(json.dumps(self.cfg.model, indent=1))
+        return path
+
+
+def _save(path: Path, trainer: Trainer, step: int, gen: torch.Generator, elapsed: float, history: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({**trainer.state(), "step": step, "gen": gen.get_state(), "elapsed": elapsed,
+                "history": history, "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or resume) ``config``; returns the exported ``out_dir/model.safetensors``."""
+    from tqdm import tqdm
+
+    from hess.losses import make_batch
+
+    cfg = config
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    bank = load_bank(cfg.bank_dir)
+    n_bank, views = bank["images"].shape[:2]
+    trainer = Trainer(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed, history = 0, 0.0, []
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        trainer.load(st)
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        step, elapsed, history = st["step"], st["elapsed"], st["history"]
+    run = None
+    if cfg.wandb:
+        try:
+            import wandb
+
+            run = wandb.init(project="hess", name=out.name, config=asdict(cfg), dir=str(out),
+                             mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+        except Exception as err:                                              # logging must not kill training
+            print(f"wandb disabled: {err}")
+    eval_scenes = None
+    log = open(out / "log.csv", "a", newline="")
+    writer = csv.writer(log)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)
+    t_start, t_save = time.time() - elapsed, time.time()
+    while step < cfg.steps:
+        if cfg.minutes is not None and time.time() - t_start > cfg.minutes * 60:
+            break
+        if cfg.stop_at is not None and step >= cfg.stop_at:
+            break
+        scene_idx, frames, mirror = _sample(gen, n_bank, views, cfg, step)
+        batch = make_batch(bank, scene_idx, frames, mirror)
+        stats = trainer.step(batch, cfg.lr * _lr_factor(step, cfg))
+        step += 1
+        writer.writerow([step, round(time.time() - t_start, 1), frames.shape[1]] +
+                        [round(stats.get(k, float("nan")), 5) for k in LOG_COLUMNS])
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['total']:.3f}", cam=f"{stats['camera']:.3f}")
+        if run is not None:
+            run.log(stats, step=step)
+        if cfg.eval_scenes > 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            from hess.evaluate import evaluate_model, eval_scenes_default
+
+            if eval_scenes is None:
+                eval_scenes = eval_scenes_default("val", cfg.eval_scenes)
+            trainer.model.eval()
+            for p in trainer.probes:                                          # plain dense during eval
+                p.heads = list(cfg.attn_heads)
+            m = evaluate_model(trainer.model, eval_scenes, attention="dense")
+            m.update(step=step, minutes=round((time.time() - t_start) / 60, 2))
+            history.append(m)
+            (out / "curve.json").write_text(json.dumps(history, indent=1))
+            bar.write(f"step {step}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}))
+            if run is not None:
+                run.log({f"val/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+        if time.time() - t_save > cfg.save_every_s:
+            log.flush()
+            _save(ckpt, trainer, step, gen, time.time() - t_start, history)
+            trainer.export(out / "model.safetensors")
+            t_save = time.time()
+    log.close()
+    _save(ckpt, trainer, step, gen, time.time() - t_start, history)
+    path = trainer.export(out / "model.safetensors")
+    if run is not None:
+        run.finish()
+    return path
+
+
+_CLI_FIELDS = ("out_dir", "bank_dir", "seed", "steps", "minutes", "batch_size", "curriculum_steps", "lr", "w_camera",
+               "w_point", "w_attn", "w_loc", "w_dir", "w_probe", "eval_every", "eval_scenes", "threads")
+
+
+def configure_cli(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``hess train`` (every ``TrainConfig`` field listed in ``_CLI_FIELDS``, plus extras)."""
+    d = TrainConfig()
+    for name in _CLI_FIELDS:
+        default = getattr(d, name)
+        kind = float if name in ("minutes", "lr") or isinstance(default, float) else (int if isinstance(default, int) else str)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    p.add_argument("--stop-at", type=int, default=None, help="save and stop at this step (schedule unchanged)")
+    p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--render-bank", default="", metavar="A-B[,C-D]",
+                   help="first render train scenes A..B-1 (and C..D-1, ...) into --bank-dir in shards of 100 "
+                        "(skipping shards already there), then train; hess-tiny used 0-1200,4000-5200")
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    """Render the requested bank shards, then ``train``; prints the exported checkpoint path."""
+    cfg = TrainConfig(**{k: getattr(a, k) for k in _CLI_FIELDS}, stop_at=a.stop_at, wandb=not a.no_wandb)
+    for part in filter(None, a.render_bank.split(",")):
+        try:
+            first, last = (int(x) for x in part.split("-"))
+        except ValueError:
+            raise SystemExit(f"--render-bank expects ranges like 0-1200,4000-5200, got {part!r}") from None
+        for s in range(first, last, 100):
+            shard = Path(cfg.bank_dir) / f"shard_{s:06d}.pt"
+            if not shard.exists():
+                render_bank(shard, "train", s, min(100, last - s), seed=cfg.seed)
+    print(train(cfg))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI: ``python -m hess.train [--out-dir D] [--steps N] [--stop-at K] [--no-wandb] ...`` (= ``hess train``)."""
+    p = argparse.ArgumentParser(prog="hess train", description=__doc__.splitlines()[0])
+    configure_cli(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__" and not os.environ.get("HESS_RENDER_ONLY"):
+    raise SystemExit(main())
+
+if __name__ == "__main__" and os.environ.get("HESS_RENDER_ONLY"):
+    import sys
+    d, split, first, last, per = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    for s in range(first, last, per):
+        p = Path(d) / f"shard_{s:06d}.pt"
+        if not p.exists():
+            render_bank(p, split, s, per)
+            print("rendered", p, flush=True)
+    raise SystemExit(0)
