@@ -4,11 +4,14 @@ The pipeline verbs, in data-flow order::
 
     scenes = hess.build_scenes("synthetic", split="calib", num_scenes=4)
     model  = hess.load_vggt("hess-tiny")
-    scores = hess.calibrate(model, scenes, hess.CalibConfig())
+    scores = calibrate(model, scenes, CalibConfig())   # from hess.calibrate import calibrate, CalibConfig
     blocks = hess.allocate(scores.hess(lam=0.5), keep_ratio=0.25, num_key_blocks=n_k)
     model  = hess.sparsify(model, plan)
 
-Exports are resolved lazily so that ``import hess`` stays cheap.
+Exports are resolved lazily so that ``import hess`` stays cheap.  Calibration and evaluation are used
+through their modules (``hess.calibrate.calibrate``, ``hess.evaluate.evaluate_model``): a package attribute
+named like a submodule is replaced by that submodule as soon as it is imported, so re-exporting a function
+under the module's own name would be unreliable.
 """
 from __future__ import annotations
 
@@ -31,11 +34,9 @@ _EXPORTS = {
     "sparsify": "hess.patch",
     "densify": "hess.patch",
     "allocate": "hess.budget",
-    "calibrate": "hess.calibrate",
     "CalibConfig": "hess.calibrate",
     "HeadScores": "hess.scoring",
     "SCORERS": "hess.scoring",
-    "evaluate": "hess.evaluate",
     "load_results": "hess.results",
 }
 
