@@ -97,7 +97,7 @@ def _demo(parser: argparse.ArgumentParser) -> None:
 
 
 command("calibrate", "compute HeSS head scores on calibration scenes (score artifact)", "hess.calibrate", _config_only)
-command("evaluate", "evaluate one model x scenes x method x sparsity; write metrics", "hess.evaluate", _config_only)
+command("evaluate", "evaluate one model x scenes x method x sparsity; write metrics", "hess.rq.command", _config_only)
 command("sweep", "Optuna sweep over config overrides (resumable, multi-worker)", "hess.sweep")
 command("reproduce", "run the RQ1-RQ5 experiments and write their tables and plots", "hess.reproduce", _reproduce)
 command("report", "tables and plots from stored results", "hess.report", _report)

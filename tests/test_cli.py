@@ -41,7 +41,7 @@ def test_every_command_has_help(name, capsys):
 def test_reproduce_help_documents_questions_and_presets(capsys):
     _exit_code(["reproduce", "--help"])
     out = capsys.readouterr().out
-    assert "{rq1,rq2,rq3,rq4,rq5,all}" in out and "--preset {demo,paper}" in out
+    assert "{rq1,rq2,rq3,rq4,rq5,latency,all}" in out and "--preset {demo,paper,micro}" in out
 
 
 @pytest.fixture

@@ -139,7 +139,7 @@ def test_missing_sources_name_the_path(tmp_path):
         load_vggt(missing)
     with pytest.raises(FileNotFoundError, match="model.safetensors, model.pt"):
         load_vggt(tmp_path)  # a directory without weights
-    with pytest.raises(FileNotFoundError, match=r"hess-huge.*known: \(none\)"):
+    with pytest.raises(FileNotFoundError, match=r"hess-huge.*known: hess-tiny"):
         load_vggt("hess-huge")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read checkpoint .*junk.pt"):
@@ -150,7 +150,9 @@ def test_missing_sources_name_the_path(tmp_path):
 
 
 def test_embedded_checkpoints(tmp_path, reference, monkeypatch):
-    assert EMBEDDED_CHECKPOINTS.names() == []  # filled by a later issue (hess-tiny)
+    assert EMBEDDED_CHECKPOINTS.names() == ["hess-tiny"]  # the shipped default (hess/assets)
+    shipped = load_vggt("hess-tiny")
+    assert shipped.model_id == "hess-tiny" and not shipped.training
     registry = Registry("embedded checkpoint")
     registry.register("toy")(EmbeddedCheckpoint(path="toy", config=CONFIG, description="test"))
     (tmp_path / "toy").mkdir()

@@ -1,0 +1,254 @@
+"""What an evaluation run loads, each cached by exactly what determines it.
+
+    res = Resources(cache_dir="ablations/outputs/cache")
+    model, info = res.model(cfg.model)                   # info["weights"]: checkpoint | embedded | random-init
+    scenes = res.eval_scenes(cfg.data)                   # synthetic: the embedded model's distribution
+    scores = res.head_scores(cfg, model)                 # calibration artifact, cached on disk by config hash
+    table = res.scores(cfg, model)                       # [L, H] for cfg.score.scorer
+
+Synthetic scenes use the embedded model's training distribution (``hess.train.SCENE_OPTIONS``: small
+orbit arcs, 84×84 by default) with ``data.num_frames``/``height``/``width`` from the config; the
+evaluation split ``eval`` is the held-out ``test`` split (frame order shuffled per scene) and the
+calibration scenes come from the disjoint ``calib`` split.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from hess.config import CalibSection, DataSection, ModelSection, RunConfig
+from hess.registry import Registry
+from hess.runtime import resolve_device, resolve_dtype, seed_everything
+
+if TYPE_CHECKING:
+    from hess.calibrate import CalibConfig
+    from hess.rq.measure import Layout
+    from hess.scoring import HeadScores
+
+DEFAULT_MODEL = "hess-tiny"  # the embedded default of every command (hess.models.EMBEDDED_CHECKPOINTS)
+FULL_SIZE = {"vggt", "vggt-1b", "pi3"}  # never built with random weights: they need a checkpoint
+SYNTHETIC_SPLITS = {"eval": "test", "test": "test", "val": "val", "calib": "calib", "train": "train"}
+
+
+class ModelUnavailableError(FileNotFoundError):
+    """No trained weights for the requested model (e.g. π³ without a checkpoint)."""
+
+
+def model_family(name: str) -> str:
+    """``pi3*`` → ``pi3``; everything else (vggt, hess-tiny, vggt-parity-a) → ``vggt``."""
+    return "pi3" if name.lower().startswith("pi3") else "vggt"
+
+
+def _embedded_fallback(name: str) -> Optional[dict]:
+    """Architecture of an embedded model whose checkpoint is not shipped yet (random-init stand-in)."""
+    if name == "hess-tiny":
+        from hess.train import TINY_MODEL_CONFIG
+
+        return json.loads(json.dumps(TINY_MODEL_CONFIG))
+    return None
+
+
+def load_run_model(section: ModelSection, *, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of ``cfg.model`` and how its weights were obtained.
+
+    Order: ``model.checkpoint`` (file, directory or HF id) → embedded checkpoint ``model.name`` →
+    small presets (``vggt-parity-a``, ``pi3-parity-a``, an embedded model not shipped yet) with seeded
+    random weights, flagged ``weights="random-init"``.  Full-size models never get random weights.
+
+    Returns:
+        (model in eval mode on its device, {"weights", "source", "family"}).
+    Raises:
+        ModelUnavailableError: a full-size model without a checkpoint, or a checkpoint that cannot be found.
+    """
+    from hess.models import EMBEDDED_CHECKPOINTS, CheckpointUnavailableError, build_model, load_model
+
+    device, dtype = resolve_device(section.device), resolve_dtype(section.dtype)
+    family = model_family(section.name)
+    if section.checkpoint:
+        try:
+            model = load_model(section.checkpoint, family=family, dtype=dtype, device=device)
+        except (CheckpointUnavailableError, FileNotFoundError) as err:
+            raise ModelUnavailableError(f"model.checkpoint={section.checkpoint!r} is not available: {err}") from err
+        return model.eval(), {"weights": "checkpoint", "source": section.checkpoint, "family": family}
+    if section.name in EMBEDDED_CHECKPOINTS:
+        model = load_model(section.name, family=family, dtype=dtype, device=device)
+        return model.eval(), {"weights": "embedded", "source": section.name, "family": family}
+    if section.name in FULL_SIZE:
+        hint = "yyfz233/Pi3" if family == "pi3" else "facebook/VGGT-1B"
+        raise ModelUnavailableError(
+            f"model.name={section.name!r} has no trained weights here: set model.checkpoint (e.g. {hint}, a local "
+            "safetensors file or directory); random weights of a full-size model would give meaningless numbers")
+    arch = _embedded_fallback(section.name) or section.name
+    if arch is not section.name:
+        warnings.warn(f"embedded checkpoint {section.name!r} is not registered yet; using its architecture with "
+                      "RANDOM weights (numbers are pipeline checks, not results)", stacklevel=2)
+    seed_everything(seed)
+    try:
+        model = build_model(arch, family=family, device=device, dtype=dtype)
+    except KeyError as err:
+        raise ModelUnavailableError(f"unknown model.name {section.name!r}: {err}") from None
+    model.model_id = f"{section.name}(random-init, seed {seed})"
+    return model.eval(), {"weights": "random-init", "source": section.name, "family": family}
+
+
+# ------------------------------------------------------------------------------------------- scenes
+def _synthetic(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
+               root: Optional[str]) -> list:
+    from hess.data import build_scenes
+    from hess.train import SCENE_OPTIONS
+
+    if split not in SYNTHETIC_SPLITS:
+        raise ValueError(f"unknown synthetic split {split!r}; known: {', '.join(SYNTHETIC_SPLITS)}")
+    options = {**SCENE_OPTIONS, "num_frames": num_frames, "height": height, "width": width}
+    return build_scenes("synthetic", split=SYNTHETIC_SPLITS[split], num_scenes=num_scenes, seed=seed, **options)
+
+
+def _real(name: str) -> Callable[..., list]:
+    def build(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
+              root: Optional[str]) -> list:
+        from hess.data import build_scenes
+
+        if root is None:
+            raise FileNotFoundError(f"data.dataset={name} needs data.root (the dataset folder)")
+        kwargs = {"root": root} if name == "dtu" else {"root": root, "split": "test" if split == "eval" else split}
+        return build_scenes(name, **kwargs)[:num_scenes]
+
+    return build
+
+
+SCENE_SOURCES: Registry[Callable[..., list]] = Registry("dataset")
+SCENE_SOURCES.register("synthetic")(_synthetic)
+SCENE_SOURCES.register("co3d")(_real("co3d"))
+SCENE_SOURCES.register("dtu")(_real("dtu"))
+
+
+def eval_scenes(data: DataSection) -> list:
+    """Evaluation scenes of ``cfg.data``."""
+    return SCENE_SOURCES.get(data.dataset)(data.split, data.num_scenes, data.num_frames, data.height, data.width,
+                                           data.seed, data.root)
+
+
+def calib_scenes(data: DataSection, calib: CalibSection) -> list:
+    """Calibration scenes: the ``calib`` split of the same dataset, disjoint from evaluation scenes."""
+    if data.dataset == "dtu":
+        raise ValueError("DTU has no calibration split (the paper calibrates on CO3Dv2 dev): "
+                         "pass calib.artifact=<score artifact> computed on CO3Dv2")
+    return SCENE_SOURCES.get(data.dataset)("calib", calib.num_scenes, calib.num_frames, data.height, data.width,
+                                           calib.seed, data.root)
+
+
+def calib_config(calib: CalibSection, progress: bool = True) -> "CalibConfig":
+    """``hess.calibrate.CalibConfig`` of ``cfg.calib``."""
+    from hess.calibrate import CalibConfig
+
+    return CalibConfig(seed=calib.seed, inlier_eps=calib.inlier_eps, use_icp=calib.use_icp, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+class Resources:
+    """Models, scenes, score artifacts and score tables, loaded once per process.
+
+    Args:
+        cache_dir: folder of calibration artifacts (``head_scores-<hash>.safetensors``); None: no disk cache.
+        progress: tqdm bars in calibration and scorers.
+    """
+
+    def __init__(self, cache_dir: Optional[str | Path] = None, progress: bool = True) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.progress = progress
+        self._memo: dict[str, Any] = {}
+        self.calibrations_computed = 0  # calibrations actually run (not read from cache)
+
+    def _get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def model(self, section: ModelSection) -> tuple[nn.Module, dict[str, Any]]:
+        """``load_run_model(section)``, once per section."""
+        return self._get(_key("model", section), lambda: load_run_model(section))
+
+    def fingerprint(self, section: ModelSection) -> str:
+        """Hash of the model's weights (part of every calibration cache key)."""
+        from hess.calibrate import model_fingerprint
+
+        return self._get(_key("fingerprint", section), lambda: model_fingerprint(self.model(section)[0]))
+
+    def eval_scenes(self, data: DataSection) -> list:
+        """Evaluation scenes of ``data``, once per section."""
+        return self._get(_key("eval", data), lambda: eval_scenes(data))
+
+    def layout(self, section: ModelSection, data: DataSection) -> "Layout":
+        """Global-attention layout (``hess.rq.measure.Layout``) of the first evaluation scene."""
+        from hess.rq.measure import sequence_layout
+
+        def probe():
+            scenes = self.eval_scenes(data)
+            if not scenes:
+                raise ValueError(f"no evaluation scenes for {data}")
+            return sequence_layout(self.model(section)[0], scenes[0])
+
+        return self._get(_key("layout", section, data), probe)
+
+    def calib_scenes(self, data: DataSection, calib: CalibSection) -> list:
+        """Calibration scenes (``calib`` split), once per (data, calib) setting."""
+        return self._get(_key("calib", data.dataset, data.height, data.width, data.root, calib),
+                         lambda: calib_scenes(data, calib))
+
+    def head_scores(self, cfg: RunConfig) -> "HeadScores":
+        """The HeSS calibration artifact of (model, calibration scenes, calibration settings).
+
+        ``calib.artifact`` is read as given; otherwise the artifact is cached on disk by the hash of
+        everything that determines the traces, so λ / keep-ratio / projection sweeps never recalibrate.
+        """
+        from hess.calibrate import calibrate
+        from hess.scoring import HeadScores, cached_calibration
+
+        if cfg.calib.artifact:
+            return self._get(_key("artifact", cfg.calib.artifact), lambda: HeadScores.load(cfg.calib.artifact))
+        scenes = self.calib_scenes(cfg.data, cfg.calib)
+        config = calib_config(cfg.calib, self.progress)
+        key = {"calib": config.key(), "scenes": [s.scene_id for s in scenes], "model": self.fingerprint(cfg.model),
+               "frames": cfg.calib.num_frames, "hw": [cfg.data.height, cfg.data.width]}
+
+        def compute():
+            self.calibrations_computed += 1
+            return calibrate(self.model(cfg.model)[0], scenes, config)
+
+        def load():
+            if self.cache_dir is None:
+                return compute()
+            return cached_calibration(self.cache_dir / "head_scores", key, compute)
+
+        return self._get(_key("head_scores", key), load)
+
+    def scores(self, cfg: RunConfig) -> Tensor:
+        """[L, H] float64 head scores of ``cfg.score.scorer`` (SCORERS), cached per what they depend on."""
+        from hess.calibrate import score_heads
+
+        name = cfg.score.scorer
+        model, _ = self.model(cfg.model)
+        needs_traces = name in ("hess", "inverted-hess")
+        needs_scenes = name in ("head-importance", "attention-entropy", "oracle")
+        key = _key("scores", name, cfg.model, cfg.score, cfg.calib.proj,
+                   cfg.budget.keep_ratio if name == "oracle" else None,
+                   cfg.calib if needs_traces or needs_scenes else None)
+
+        def make() -> Tensor:
+            traces = self.head_scores(cfg) if needs_traces else None
+            scenes = self.calib_scenes(cfg.data, cfg.calib) if needs_scenes else [None]
+            return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress), head_scores=traces,
+                               lam=cfg.score.lam, proj=cfg.calib.proj, normalize=cfg.score.normalize,
+                               seed=cfg.score.seed, keep_ratio=cfg.budget.keep_ratio,
+                               min_blocks=cfg.budget.min_blocks).detach().to("cpu", torch.float64)
+
+        return self._get(key, make)
