@@ -84,13 +84,13 @@ def _set_attention(model: nn.Module, attention: Any) -> list[nn.Module]:
     return previous
 
 
-def _chamfer(pred: Tensor, gt: Tensor, valid: Tensor, max_points: int = 4000) -> tuple[float, float]:
+def chamfer_after_sim3(pred: Tensor, gt: Tensor, valid: Tensor, max_points: int = 4000) -> tuple[float, float]:
     """After Umeyama Sim(3) of pred onto gt: ((Acc + Comp)/2, mean per-pixel distance).
 
     pred, gt: [..., 3]; valid: [...].  Points are subsampled with a fixed stride to ``max_points``.
     """
-    p, g = pred.reshape(-1, 3).double(), gt.reshape(-1, 3).double()
-    m = valid.reshape(-1) & torch.isfinite(p).all(-1)
+    p, g = pred.reshape(-1, 3).double().cpu(), gt.reshape(-1, 3).double().cpu()
+    m = valid.reshape(-1).cpu() & torch.isfinite(p).all(-1)
     p, g = p[m], g[m]
     if p.shape[0] < 3:
         return math.nan, math.nan
@@ -132,10 +132,10 @@ def evaluate_model(model: nn.Module, scenes: Sequence[Scene], *,
             trans.append(t)
             if "world_points" in geo:
                 wp = geo["world_points"][0]
-                c_all, e_all = _chamfer(wp, gt.world_points, gt.valid)
+                c_all, e_all = chamfer_after_sim3(wp, gt.world_points, gt.valid)
                 ch.append(c_all)
                 perr.append(e_all)
-                ch0.append(_chamfer(wp[0], gt.world_points[0], gt.valid[0])[0])
+                ch0.append(chamfer_after_sim3(wp[0], gt.world_points[0], gt.valid[0])[0])
                 rel.append(depth_metrics(wp[0, ..., 2], gt.depth[0], gt.valid[0], median_scale=True)["abs_rel"])
     finally:
         for a, core in zip(model.global_attention_layers(), previous):

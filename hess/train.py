@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from hess.data.synthetic import EMBEDDED_SCENE_OPTIONS
-from hess.data.geometry import unproject_depth
 from hess.data.splits import scene_key
 
 #: Synthetic options of the training bank and of the test split (``hess.data.synthetic``).

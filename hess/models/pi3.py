@@ -26,7 +26,6 @@ import contextlib
 import copy
 import inspect
 import json
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hess.models.inputs import check_images
 from hess.models.dinov2 import DinoVisionTransformer
 from hess.models.layers import Attention, Block, PositionGetter, RotaryPositionEmbedding2D
 from hess.models.pi3_heads import LAYER_NORM_EPS, CameraHead, LinearPts3d, TransformerDecoder, estimate_intrinsics
@@ -257,26 +257,7 @@ class Pi3(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() == 4:
-            images = images.unsqueeze(0)
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [N, 3, H, W] or [B, N, 3, H, W], got shape {tuple(images.shape)}")
-        if not images.dtype.is_floating_point:
-            raise ValueError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}")
-        H, W = images.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image height and width must be multiples of the patch size {p}, got {H}x{W}")
-        if images.device.type != "meta" and images.numel():
-            lo, hi = (float(v) for v in torch.aminmax(images.detach()))
-            if lo != lo or hi != hi:
-                raise ValueError("images contain NaN")
-            if lo < 0.0 or hi > 1.0:
-                warnings.warn(f"images should be in [0, 1] (π³ normalises them itself); got range [{lo:.3g}, {hi:.3g}]",
-                              stacklevel=3)
-        return images
+        return check_images(images, self.patch_size, "π³", frames="N")
 
     def _run(self, block: nn.Module, x: Tensor, **kwargs) -> Tensor:
         if self._use_checkpoint and torch.is_grad_enabled():

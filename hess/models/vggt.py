@@ -22,13 +22,13 @@ import copy
 import importlib
 import inspect
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from hess.models.inputs import check_images
 from hess.models.aggregator import Aggregator
 from hess.models.layers import Attention
 from hess.models.pose import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
@@ -127,29 +127,7 @@ class VGGT(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.dim() == 4:
-            images = images.unsqueeze(0)
-        if images.dim() != 5 or images.shape[2] != 3:
-            raise ValueError(f"images must be [S, 3, H, W] or [B, S, 3, H, W], got shape {tuple(images.shape)}")
-        if not images.dtype.is_floating_point:
-            raise ValueError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}")
-        H, W = images.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image height and width must be multiples of the patch size {p}, got {H}x{W}")
-        if images.device.type != "meta" and images.numel():
-            lo, hi = torch.aminmax(images.detach())
-            lo, hi = float(lo), float(hi)
-            if lo != lo or hi != hi:
-                raise ValueError("images contain NaN")
-            if lo < 0.0 or hi > 1.0:
-                warnings.warn(
-                    f"images should be in [0, 1] (VGGT normalises them itself); got range [{lo:.3g}, {hi:.3g}]",
-                    stacklevel=3,
-                )
-        return images
+        return check_images(images, self.patch_size, "VGGT")
 
     @staticmethod
     def _check_query_points(query_points: Tensor, batch: int) -> Tensor:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from hess.evaluate import chamfer_after_sim3  # noqa: F401  (one definition; re-exported for callers)
 from hess.runtime import time_fn
 
 POSE_THRESHOLDS = (15, 30)
@@ -113,30 +114,6 @@ def time_forward(model: nn.Module, scene: Any, *, warmup: int, repeats: int) -> 
         clock[0] = 0.0
         timing = time_fn(lambda: model(images), warmup=0, repeats=repeats)
     return {"latency_ms": timing.median_ms, "global_attn_ms": clock[0] * 1e3 / repeats}
-
-
-def chamfer_after_sim3(pred: Tensor, gt: Tensor, valid: Tensor, max_points: int = 4000) -> tuple[float, float]:
-    """((Acc + Comp)/2, mean per-pixel distance) after one Umeyama Sim(3) of ``pred`` onto ``gt``.
-
-    pred, gt: [..., 3]; valid: [...].  Valid, finite pixels are subsampled with a fixed stride to at
-    most ``max_points`` (the definition of ``hess.evaluate``, kept equal by ``tests/test_run.py``).
-    NaN when fewer than 3 points or the alignment fails.
-    """
-    from hess.metrics import apply_sim3, nearest_neighbors, umeyama
-
-    p, g = pred.reshape(-1, 3).double().cpu(), gt.reshape(-1, 3).double().cpu()
-    keep = valid.reshape(-1).cpu() & torch.isfinite(p).all(-1)
-    p, g = p[keep], g[keep]
-    if p.shape[0] < 3:
-        return math.nan, math.nan
-    stride = max(1, p.shape[0] // max_points)
-    p, g = p[::stride], g[::stride]
-    s, R, t = umeyama(p, g)
-    if not torch.isfinite(torch.as_tensor(s)).all():
-        return math.nan, math.nan
-    p = apply_sim3(p, s, R, t)
-    chamfer = 0.5 * (nearest_neighbors(p, g)[0].mean().item() + nearest_neighbors(g, p)[0].mean().item())
-    return chamfer, (p - g).norm(dim=-1).mean().item()
 
 
 @torch.no_grad()
