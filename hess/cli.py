@@ -96,7 +96,7 @@ def _demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wandb", action="store_true", help="disable W&B")
 
 
-command("calibrate", "compute HeSS head scores on calibration scenes (score artifact)", "hess.calibrate", _config_only)
+command("calibrate", "compute HeSS head scores on calibration scenes (score artifact)", "hess.rq.calibrate_cli", _config_only)
 command("evaluate", "evaluate one model x scenes x method x sparsity; write metrics", "hess.rq.command", _config_only)
 command("sweep", "Optuna sweep over config overrides (resumable, multi-worker)", "hess.sweep")
 command("reproduce", "run the RQ1-RQ5 experiments and write their tables and plots", "hess.reproduce", _reproduce)

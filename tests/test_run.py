@@ -163,3 +163,24 @@ def test_cli_dry_run_and_bad_override(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["budget.keep_ratio=2", "--dry-run"]) == 2
     assert "budget.keep_ratio: must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_hess_calibrate_cli_writes_a_loadable_artifact(tmp_path, capsys):
+    """``hess calibrate`` on the micro sizing writes an artifact whose HeSS table sums to 1 per layer."""
+    from hess.cli import main
+    from hess.scoring import HeadScores
+
+    out = tmp_path / "scores.safetensors"
+    code = main(["calibrate", "--preset", "micro", "--out", str(tmp_path / "runs"), "--no-wandb", "--output", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["artifact"] == str(out) and len(printed["hess"]) == printed["traces_shape"][-2]
+    scores = HeadScores.load(out)
+    table = scores.hess(lam=0.5)
+    assert table.shape == scores.traces.shape[-2:]
+    assert torch.allclose(table.sum(-1), torch.ones(table.shape[0], dtype=table.dtype))
+    # a second call reuses the cached traces (same artifact content, no recomputation needed)
+    out2 = tmp_path / "again.safetensors"
+    assert main(["calibrate", "--preset", "micro", "--out", str(tmp_path / "runs"), "--no-wandb",
+                 "--output", str(out2)]) == 0
+    assert torch.equal(HeadScores.load(out2).traces, scores.traces)
