@@ -16,9 +16,24 @@ from hess.data.render import Box, Rect, Sphere
 from hess.data.splits import check_disjoint, split_of
 
 
-@pytest.fixture(scope="module", params=["orbit", "grid", "forward"])
+@pytest.fixture(scope="module", params=["orbit", "grid", "forward", "orbit+walls"])
 def scene(request) -> Scene:
-    return make_scene(scene_key("val", 7), preset=request.param, num_frames=4, height=56, width=84)
+    preset, *extra = request.param.split("+")
+    return make_scene(scene_key("val", 7), preset=preset, num_frames=4, height=56, width=84,
+                      **{name: True for name in extra})
+
+
+def test_walls_add_two_vertical_rects_and_keep_everything_else():
+    key, opts = scene_key("val", 3), dict(preset="orbit", num_frames=4, height=56, width=84, arc_deg=(15, 60))
+    bare, walled = make_scene(key, **opts), make_scene(key, walls=True, **opts)
+    assert torch.equal(bare.extrinsics, walled.extrinsics) and torch.equal(bare.intrinsics, walled.intrinsics)
+    g_bare, g_walled = bare.meta["geometry"], walled.meta["geometry"]
+    extra = g_walled.primitives[len(g_bare.primitives):]
+    assert len(extra) == 2 and all(isinstance(w, Rect) and abs(w.axes[2][2]) < 1e-12 for w in extra)
+    assert np.allclose(g_walled.light, g_bare.light)
+    # the walls are seen: some pixels are farther in the bare scene (or background) than on a wall
+    on_wall = (walled.depth > 0) & ((bare.depth == 0) | (walled.depth < bare.depth - 1e-6))
+    assert on_wall.float().mean() > 0.02
 
 
 def reference_hit(prim, o: np.ndarray, d: np.ndarray) -> float:

@@ -37,6 +37,9 @@ class SyntheticOptions:
     elevation_deg, radius: camera elevation and distance to the target (orbit, grid).
     path_length: distance travelled along the path (forward). fov_deg: horizontal FoV, per scene.
     roll_deg: max |roll| jitter per frame. jitter: per-frame elevation/radius/target jitter (orbit).
+    walls: orbit only, two vertical walls forming a corner behind the objects (seen from the middle of the
+        arc).  On a bare ground square a wrong azimuth (a rotation about the vertical axis) maps the
+        ground onto itself, so nearest-neighbour Chamfer barely sees pose errors; walls make it visible.
     """
 
     preset: str = "orbit"
@@ -52,6 +55,7 @@ class SyntheticOptions:
     jitter: bool = True
     num_boxes: tuple[int, int] = (2, 6)
     num_spheres: tuple[int, int] = (1, 4)
+    walls: bool = False
     units: str = "m"
 
     def __post_init__(self) -> None:
@@ -149,7 +153,23 @@ def orbit_preset(rng: np.random.Generator, opts: SyntheticOptions):
     centers = target + _spherical(az0 + span * frac, el + j * np.radians(rng.uniform(-3, 3, S)),
                                   r * (1 + j * rng.uniform(-0.05, 0.05, S)))
     targets = target + j * rng.uniform(-0.05, 0.05, (S, 3))
+    if opts.walls:                              # own child stream: everything else is drawn as without walls
+        prims += _corner_walls(np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]), az0 + span / 2 + math.pi)
     return Geometry(prims, light=_light(rng)), centers, targets
+
+
+def _corner_walls(rng: np.random.Generator, behind: float) -> list:
+    """Two vertical walls at azimuths ``behind ± 45°`` (distance 2–3, 3–4.5 wide, 1.5–2.5 high) meeting
+    in a corner behind the objects; their normals face the cameras."""
+    walls = []
+    dist, height = rng.uniform(2.0, 3.0), rng.uniform(1.5, 2.5)
+    for side in (-1.0, 1.0):
+        a = behind + side * math.pi / 4
+        n = -np.array([math.cos(a), math.sin(a), 0.0])                         # towards the origin
+        u = np.cross([0.0, 0.0, 1.0], n)
+        walls.append(_rect(rng, -n * dist + [0, 0, height / 2], u, [0.0, 0.0, 1.0],
+                           [rng.uniform(1.5, 2.25), height / 2]))
+    return walls
 
 
 @PRESETS.register("grid")
@@ -206,9 +226,9 @@ def forward_preset(rng: np.random.Generator, opts: SyntheticOptions):
 
 # ------------------------------------------------------------------------------------------ rendering
 #: The scene distribution of the embedded default model ``hess-tiny`` (its training data, the demo's
-#: evaluation scenes): small-arc orbits, 4 views of 84×84, fixed-ish FoV, little roll.
+#: evaluation scenes): 25–90° orbit arcs, 4 views of 84×84, fixed-ish FoV, little roll.
 EMBEDDED_SCENE_OPTIONS: dict[str, Any] = dict(preset="orbit", num_frames=4, height=84, width=84,
-                                              arc_deg=(8.0, 40.0), fov_deg=(50.0, 60.0), roll_deg=2.0)
+                                              arc_deg=(25.0, 90.0), fov_deg=(50.0, 60.0), roll_deg=2.0)
 
 
 def make_scene(seed: int | Sequence[int], *, scene_id: str | None = None, category: str | None = None,
