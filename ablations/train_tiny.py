@@ -7,6 +7,7 @@ Evaluate a checkpoint on the held-out test split (60 scenes, 4 views, frame orde
 with dense / restricted / sparse global attention and the baselines; writes a JSON beside it:
 
     python ablations/train_tiny.py runs/hess-tiny/model.safetensors --num-test 60
+    python ablations/train_tiny.py M.safetensors --arc-deg 15 60 --out M_eval_15_60.json   # other arcs
 """
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def load(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def report(path: Path, num_test: int, seed: int = 0) -> dict:
+def report(path: Path, num_test: int, seed: int = 0, arc_deg=None, out: Path | None = None, walls=None) -> dict:
+    """All rows of the card's test table; ``arc_deg`` evaluates on (and takes the constant baselines
+    from) orbits of another arc range than the embedded distribution."""
     torch.set_num_threads(2)
     t0 = time.time()
-    scenes = eval_scenes_default("test", num_test, seed=seed)
+    options = {**({"arc_deg": tuple(arc_deg)} if arc_deg else {}), **({"walls": walls} if walls is not None else {})}
+    scenes = eval_scenes_default("test", num_test, seed=seed, options=options)
     model = load(path)
     rows: dict[str, dict] = {}
     for name, attention in (("dense", "dense"), ("own frame + special tokens", "frame-local"),
@@ -48,15 +52,16 @@ def report(path: Path, num_test: int, seed: int = 0) -> dict:
         rows[name] = evaluate_model(model, scenes, attention=attention)
     torch.manual_seed(seed)
     rows["random-init model"] = evaluate_model(build_vggt(json.loads(path.with_suffix(".json").read_text())), scenes)
-    train_scenes = eval_scenes_default("train", 48, seed=seed)
+    train_scenes = eval_scenes_default("train", 48, seed=seed, options=options)
     rows["constant: no motion"] = constant_pose_metrics(scenes)
     rows["constant: mean train pose"] = constant_pose_metrics(scenes, mean_pose_encoding(train_scenes))
     for side, label in ((1, ">"), (-1, "<")):
         rows[f"constant: mean train pose with t_x {label} 0"] = constant_pose_metrics(
             scenes, mean_pose_encoding(train_scenes, side))
-    out = {"checkpoint": str(path), "num_test_scenes": num_test, "rows": rows, "eval_seconds": time.time() - t0}
-    path.with_name(path.stem + "_eval.json").write_text(json.dumps(out, indent=1))
-    return out
+    result = {"checkpoint": str(path), "num_test_scenes": num_test, "scene_options": options,
+              "rows": rows, "eval_seconds": time.time() - t0}
+    (out or path.with_name(path.stem + "_eval.json")).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -70,8 +75,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--num-test", type=int, default=60)
+    p.add_argument("--arc-deg", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="orbit arc range of the test scenes (default: the embedded distribution)")
+    p.add_argument("--walls", action=argparse.BooleanOptionalAction, default=None, help="corner walls (default: embedded)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: <checkpoint>_eval.json)")
     a = p.parse_args(argv)
-    print(markdown(report(a.checkpoint, a.num_test)))
+    print(markdown(report(a.checkpoint, a.num_test, arc_deg=a.arc_deg, out=a.out, walls=a.walls)))
     return 0
 
 

@@ -4,7 +4,7 @@
     path = train(cfg)                          # -> out_dir/model.safetensors (+ config.json, log.csv)
     python -m hess.train --out-dir runs/tiny --minutes 60
 
-Regime (see ``hess/assets/MODEL_CARD.md``): a bank of pre-rendered 4-view orbit scenes on small arcs;
+Regime (see ``hess/assets/MODEL_CARD.md``): a bank of pre-rendered 4-view orbit scenes on 25–90° arcs (the first 6,000 steps used 8–40°);
 each step samples S frames of B scenes in random order (curriculum: S = 2 first, then 2..4), with a
 random horizontal mirror.  Losses (``hess.losses``): VGGT camera loss, frame-0-coordinate point-map loss,
 cross-view attention supervision of one head per global layer and a correspondence-location head
@@ -61,14 +61,42 @@ def render_bank(path: str | os.PathLike, split: str, start: int, count: int, see
     return out
 
 
-def load_bank(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """Concatenate every ``shard_*.pt`` of ``directory`` (sorted by name)."""
+def load_bank(directory: str | os.PathLike, options: Optional[dict] = None) -> dict[str, Tensor]:
+    """Concatenate every ``shard_*.pt`` of ``directory`` (sorted by name).
+
+    With ``options`` (scene options the run asks for, e.g. ``{"arc_deg": (15, 60)}``), every shard must
+    have been rendered with those values: a bank of another distribution raises instead of silently
+    training on it.  Options not named are not checked.
+    """
     shards = sorted(Path(directory).glob("shard_*.pt"))
     if not shards:
         raise FileNotFoundError(f"no shard_*.pt in {directory}; render them with hess.train.render_bank")
     parts = [torch.load(s, weights_only=False) for s in shards]
+    for shard, part in zip(shards, parts):
+        have = {**_OPTION_DEFAULTS, **{k: _plain(v) for k, v in part.get("options", SCENE_OPTIONS).items()}}
+        want = {k: _plain(v) for k, v in (options or {}).items()}
+        diff = sorted(k for k in want if have.get(k) != want[k])
+        if diff:
+            raise ValueError(f"bank shard {shard} was rendered with other scene options: "
+                             + ", ".join(f"{k}: shard {have.get(k)!r} vs run {want.get(k)!r}" for k in diff))
     return {k: torch.cat([p[k] for p in parts]) for k in ("images", "depth", "extrinsics", "intrinsics")}
 
+
+
+def _option_defaults() -> dict[str, Any]:
+    from dataclasses import fields
+
+    from hess.data.synthetic import SyntheticOptions
+
+    return {f.name: _plain(f.default) for f in fields(SyntheticOptions)}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (JSON round trips turn one into the other)."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+_OPTION_DEFAULTS = _option_defaults()  # shards rendered before an option existed had its default
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -93,7 +121,11 @@ class TrainConfig:
     step cap (the run saves and stops; rerun the same command to resume).  eval_scenes = 0: no eval.  curriculum_steps: S = 2 adjacent-view pairs
     before it, then S ∈ frames_range with any views.  w_*: loss weights (0 disables a loss); the
     shipped hess-tiny used the defaults (w_dir = w_probe = 0: the deep pose probes and the translation
-    direction loss are untested options).
+    direction loss are untested options).  arc_deg: the orbit arc range of the bank and of the val
+    curve and walls: corner walls behind the objects (None: as in ``SCENE_OPTIONS``).  init_from: a
+    ``.safetensors`` VGGT to start from (fine-tuning; ignored when ``out_dir/ckpt.pt`` exists, which
+    resumes instead); its keys must match the model exactly, except those under an ``init_reset``
+    prefix (e.g. ``"point_head."``), which keep their fresh initialisation (to grow a head).
     """
 
     out_dir: str = "runs/hess-tiny"
@@ -121,7 +153,20 @@ class TrainConfig:
     save_every_s: float = 180.0
     threads: int = 2
     wandb: bool = True
+    arc_deg: Optional[tuple[float, float]] = None
+    walls: Optional[bool] = None
+    init_from: Optional[str] = None
+    init_reset: tuple[str, ...] = ()
     model: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_MODEL_CONFIG)))
+
+    def scene_options(self) -> dict[str, Any]:
+        """Synthetic options of this run's bank and val scenes."""
+        return {**SCENE_OPTIONS, **self.scene_overrides()}
+
+    def scene_overrides(self) -> dict[str, Any]:
+        """The options this run sets on top of ``SCENE_OPTIONS`` (checked against the bank's shards)."""
+        out = {"arc_deg": tuple(self.arc_deg)} if self.arc_deg is not None else {}
+        return {**out, **({"walls": bool(self.walls)} if self.walls is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -248,6 +293,25 @@ def _save(path: Path, trainer: Trainer, step: int, gen: torch.Generator, elapsed
     tmp.replace(path)
 
 
+def _init_weights(model: torch.nn.Module, path: Path, reset: tuple[str, ...]) -> None:
+    """Load ``path`` into ``model``: every key must match, except those under a ``reset`` prefix (kept)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from {path}: no such checkpoint file")
+    source = {k: v for k, v in load_file(str(path)).items() if not (reset and k.startswith(reset))}
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in source and not (reset and k.startswith(reset))]
+    unexpected = [k for k in source if k not in mine]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in source.items()
+             if k in mine and v.shape != mine[k].shape]
+    if missing or unexpected or wrong:
+        raise KeyError(f"--init-from {path} does not match the model config: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}, shape (checkpoint vs model) {wrong[:5]}; "
+                       "use --init-reset PREFIX to keep parts freshly initialised")
+    model.load_state_dict(source, strict=False)
+
+
 def train(config: TrainConfig) -> Path:
     """Train (or resume) ``config``; returns the exported ``out_dir/model.safetensors``."""
     from tqdm import tqdm
@@ -259,7 +323,7 @@ def train(config: TrainConfig) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    bank = load_bank(cfg.bank_dir)
+    bank = load_bank(cfg.bank_dir, cfg.scene_overrides())
     n_bank, views = bank["images"].shape[:2]
     trainer = Trainer(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -271,6 +335,8 @@ def train(config: TrainConfig) -> Path:
         gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
         step, elapsed, history = st["step"], st["elapsed"], st["history"]
+    elif cfg.init_from:
+        _init_weights(trainer.model, Path(cfg.init_from), tuple(cfg.init_reset))
     run = None
     if cfg.wandb:
         try:
@@ -304,7 +370,7 @@ def train(config: TrainConfig) -> Path:
             from hess.evaluate import evaluate_model, eval_scenes_default
 
             if eval_scenes is None:
-                eval_scenes = eval_scenes_default("val", cfg.eval_scenes)
+                eval_scenes = eval_scenes_default("val", cfg.eval_scenes, options=cfg.scene_options())
             trainer.model.eval()
             for p in trainer.probes:                                          # plain dense during eval
                 p.heads = list(cfg.attn_heads)
@@ -339,6 +405,15 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
         default = getattr(d, name)
         kind = float if name in ("minutes", "lr") or isinstance(default, float) else (int if isinstance(default, int) else str)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    p.add_argument("--arc-deg", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="orbit arc range in degrees of the bank and val scenes (default: the embedded distribution)")
+    p.add_argument("--walls", action=argparse.BooleanOptionalAction, default=None,
+                   help="corner walls behind the objects in the bank and val scenes (default: the embedded distribution)")
+    p.add_argument("--init-from", default=None, help="start from this .safetensors model (fine-tuning)")
+    p.add_argument("--init-reset", nargs="*", default=[], metavar="PREFIX",
+                   help="with --init-from: state-dict key prefixes not loaded (kept freshly initialised), e.g. point_head.")
+    p.add_argument("--model-config", type=Path, default=None,
+                   help="JSON file of the sectioned build_vggt config (default: hess-tiny's architecture)")
     p.add_argument("--stop-at", type=int, default=None, help="save and stop at this step (schedule unchanged)")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--render-bank", default="", metavar="A-B[,C-D]",
@@ -348,7 +423,10 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
 
 def run_cli(a: argparse.Namespace) -> int:
     """Render the requested bank shards, then ``train``; prints the exported checkpoint path."""
-    cfg = TrainConfig(**{k: getattr(a, k) for k in _CLI_FIELDS}, stop_at=a.stop_at, wandb=not a.no_wandb)
+    cfg = TrainConfig(**{k: getattr(a, k) for k in _CLI_FIELDS}, stop_at=a.stop_at, wandb=not a.no_wandb,
+                      arc_deg=tuple(a.arc_deg) if a.arc_deg else None, walls=a.walls,
+                      init_from=a.init_from, init_reset=tuple(a.init_reset),
+                      **({"model": json.loads(a.model_config.read_text())} if a.model_config else {}))
     for part in filter(None, a.render_bank.split(",")):
         try:
             first, last = (int(x) for x in part.split("-"))
@@ -357,7 +435,7 @@ def run_cli(a: argparse.Namespace) -> int:
         for s in range(first, last, 100):
             shard = Path(cfg.bank_dir) / f"shard_{s:06d}.pt"
             if not shard.exists():
-                render_bank(shard, "train", s, min(100, last - s), seed=cfg.seed)
+                render_bank(shard, "train", s, min(100, last - s), seed=cfg.seed, options=cfg.scene_options())
     print(train(cfg))
     return 0
 

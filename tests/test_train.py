@@ -99,3 +99,42 @@ def test_train_loss_falls_and_resume_is_exact(bank_dir, tmp_path):
     sb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["model"]
     sc = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(sb[k], sc[k]) for k in sb)
+
+
+def test_bank_of_other_arcs_is_refused(bank_dir):
+    assert load_bank(bank_dir, {"arc_deg": [10.0, 20.0]})["images"].shape[0] == 3  # tuple vs list: same
+    with pytest.raises(ValueError, match=r"arc_deg: shard \[10.0, 20.0\] vs run \[15.0, 60.0\]"):
+        load_bank(bank_dir, {"arc_deg": (15.0, 60.0)})
+
+
+def test_init_from_starts_at_the_given_weights(bank_dir, tmp_path):
+    common = dict(bank_dir=str(bank_dir), batch_size=2, curriculum_steps=1, warmup=1, eval_scenes=0,
+                  wandb=False, threads=1, model=TINY_MODEL)
+    src = train(TrainConfig(out_dir=str(tmp_path / "src"), steps=3, seed=1, **common))
+    # lr 0: the fine-tuned export must equal the source weights exactly (and differ from a seed-0 init)
+    tuned = train(TrainConfig(out_dir=str(tmp_path / "ft"), steps=1, lr=0.0, init_from=str(src), **common))
+    fresh = train(TrainConfig(out_dir=str(tmp_path / "fresh"), steps=1, lr=0.0, **common))
+    from safetensors.torch import load_file
+    a, b, c = load_file(str(src)), load_file(str(tuned)), load_file(str(fresh))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train(TrainConfig(out_dir=str(tmp_path / "bad"), steps=1, init_from=str(tmp_path / "nope.safetensors"), **common))
+    with pytest.raises(ValueError, match="other scene options"):
+        train(TrainConfig(out_dir=str(tmp_path / "arcs"), steps=1, arc_deg=(15.0, 60.0), **common))
+
+
+def test_init_reset_grows_a_head_and_mismatches_are_named(bank_dir, tmp_path):
+    common = dict(bank_dir=str(bank_dir), batch_size=2, curriculum_steps=1, warmup=1, eval_scenes=0,
+                  wandb=False, threads=1, steps=1, lr=0.0)
+    src = train(TrainConfig(out_dir=str(tmp_path / "src"), model=TINY_MODEL, seed=1, **common))
+    wider = json.loads(json.dumps(TINY_MODEL))
+    wider["point_head"].update(features=16, out_channels=[16, 16, 16, 16])
+    with pytest.raises(KeyError, match=r"shape \(checkpoint vs model\) \['point_head\..*--init-reset"):
+        train(TrainConfig(out_dir=str(tmp_path / "bad"), model=wider, init_from=str(src), **common))
+    grown = train(TrainConfig(out_dir=str(tmp_path / "grown"), model=wider, init_from=str(src),
+                              init_reset=("point_head.",), **common))
+    from safetensors.torch import load_file
+    a, b = load_file(str(src)), load_file(str(grown))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("point_head."))
+    assert any(b[k].shape != a[k].shape for k in a if k.startswith("point_head."))
