@@ -153,7 +153,7 @@ def mean_pose_encoding(scenes: Sequence[Scene], side: int = 0) -> Tensor:
     """Mean absT_quaR_FoV encoding [9] of frames 1.. of normalised scenes (the constant baseline's value).
 
     side = +1 / -1 averages only the frames whose GT translation has t_x > 0 / < 0 (a constant
-    "one orbit step to one side": on small-arc orbits it gets the direction right about half the time).
+    "one orbit step to one side": on orbits it gets the direction right about half the time).
     """
     from hess.models.pose import extri_intri_to_pose_encoding
 

@@ -6,7 +6,7 @@
     scores = res.head_scores(cfg, model)                 # calibration artifact, cached on disk by config hash
     table = res.scores(cfg, model)                       # [L, H] for cfg.score.scorer
 
-Synthetic scenes use the embedded model's training distribution (``hess.train.SCENE_OPTIONS``: small
+Synthetic scenes use the embedded model's training distribution (``hess.train.SCENE_OPTIONS``: 25–90°
 orbit arcs, 84×84 by default) with ``data.num_frames``/``height``/``width`` from the config; the
 evaluation split ``eval`` is the held-out ``test`` split (frame order shuffled per scene) and the
 calibration scenes come from the disjoint ``calib`` split.
