@@ -26,13 +26,7 @@ from hess.attention import (
 from hess.attention.flex_backend import build_block_mask, flex_patch_attention
 from hess.attention.xformers_backend import pack_rows
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine (no fork/join)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 # (B, H, S, P, n_s, D): N_p never a multiple of 64, several frame counts, > 64 special keys, n_s = 0.

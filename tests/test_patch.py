@@ -12,13 +12,7 @@ from hess.attention import head_sparse_attention
 from hess.models.layers import Block, DenseCore
 from hess.patch import HeadSparseCore, SparsePlan, densify, realized_density, sparsify
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on the shared 2-core machine (no fork/join)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 S, P, N_S, DIM, HEADS, DEPTH = 3, 90, 5, 32, 4, 3  # N_p = 255 → n_q = 2, n_k = 4 (last key block: 63 rows)

@@ -23,13 +23,7 @@ from hess.models.pose import depth_to_camera_points
 TINY = "pi3-parity-a"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids oversubscription stalls on a shared CPU (same numbers)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_config(**changes) -> dict:

@@ -21,13 +21,7 @@ PROBE_TOL = dict(rtol=1e-5, atol=1e-5)
 FOLDERS = sorted(p.name for p in fixtures_dir().glob("pi3_parity_*") if p.is_dir()) or ["pi3_parity_a"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread avoids oversubscription stalls on a shared CPU (same numbers)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 class Case:

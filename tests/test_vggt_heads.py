@@ -30,13 +30,7 @@ VIS_TOL = dict(rtol=0.0, atol=2e-3)
 # ----------------------------------------------------------------------------- fixture helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add spin-wait overhead on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def parity_dirs() -> list[Path]:

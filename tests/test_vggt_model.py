@@ -24,13 +24,7 @@ HEADS_AVAILABLE = all(importlib.util.find_spec(mod) is not None for mod, _ in HE
 needs_heads = pytest.mark.skipif(not HEADS_AVAILABLE, reason="head modules are not in hess.models yet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster on the shared 2-core machine (no spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_config(embed_dim=32, depth=4, num_heads=2, num_register_tokens=2, aa_block_size=1,
