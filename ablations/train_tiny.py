@@ -22,6 +22,7 @@ import torch
 from hess.evaluate import constant_pose_metrics, eval_scenes_default, evaluate_model, mean_pose_encoding
 from hess.models import build_vggt
 from hess.patch import SparsePlan
+from hess.train import TrainConfig
 
 #: Uniform block sparsity used in the card: 4 views x 36 patches, k-blocks of 6 -> 24 key blocks.
 SPARSE_90 = SparsePlan(keep_ratio=0.1, q_block=12, k_block=6)
@@ -42,7 +43,7 @@ def report(path: Path, num_test: int, seed: int = 0, arc_deg=None, out: Path | N
     from) orbits of another arc range than the embedded distribution."""
     torch.set_num_threads(2)
     t0 = time.time()
-    options = {**({"arc_deg": tuple(arc_deg)} if arc_deg else {}), **({"walls": walls} if walls is not None else {})}
+    options = TrainConfig(arc_deg=arc_deg, walls=walls).scene_overrides()  # the same overrides as hess train
     scenes = eval_scenes_default("test", num_test, seed=seed, options=options)
     model = load(path)
     rows: dict[str, dict] = {}

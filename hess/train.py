@@ -18,14 +18,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from hess.data.synthetic import EMBEDDED_SCENE_OPTIONS
+from hess.data.synthetic import EMBEDDED_SCENE_OPTIONS, SyntheticOptions
 from hess.data.splits import scene_key
 
 #: Synthetic options of the training bank and of the test split (``hess.data.synthetic``).
@@ -84,10 +84,6 @@ def load_bank(directory: str | os.PathLike, options: Optional[dict] = None) -> d
 
 
 def _option_defaults() -> dict[str, Any]:
-    from dataclasses import fields
-
-    from hess.data.synthetic import SyntheticOptions
-
     return {f.name: _plain(f.default) for f in fields(SyntheticOptions)}
 
 
