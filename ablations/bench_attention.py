@@ -5,17 +5,20 @@ What: for each shape (N ∈ {4096, 8192, 16384} with P = 1024, and the VGGT-1B g
 fraction f ∈ {1.0, 0.5, 0.25, 0.1} of key blocks, uniform budgets ``c = max(1, floor(f·n_k))`` and
 heterogeneous budgets with the same total, it times dense SDPA, the block selection alone and every
 available backend (``gather``, ``flex``; on CUDA also ``xformers``).  Timing rounds are interleaved
-(dense, selection, backends, back to back) and the speed-up is the median over rounds of the
-per-round ratio dense / backend, so a machine whose speed drifts (shared cores) stays comparable.
+(dense, then per budget kind the selection and the backends, back to back) and the speed-up is the
+median over rounds of the per-round ratio dense / backend, so a machine whose speed drifts (shared
+cores) stays comparable; heterogeneous budgets are compared with uniform ones the same way
+(``het / uniform``: median of the per-round time ratio).
 
 How to run::
 
-    python ablations/bench_attention.py                      # full table, CPU, 2 threads, ~15 min
+    python ablations/bench_attention.py                      # full table, CPU, 2 threads, ~18 min
     python ablations/bench_attention.py --quick              # smoke run: one small shape, 1 round
     python ablations/bench_attention.py --backends gather --shapes n8192 vggt-8f --rounds 5
 
 Table (stdout, markdown) and CSV (``--out``): time, speed-up over dense SDPA, the ideal speed-up
-1/realised density, their ratio, and the share of the op's time spent on block selection.
+1/realised density, their ratio, heterogeneous / uniform time, and the share of the op's time spent on
+block selection.
 """
 from __future__ import annotations
 
@@ -76,7 +79,12 @@ def available_backends(device: str) -> list[str]:
 
 
 def bench_shape(name: str, backends: list[str], fractions, rounds: int, device: str, log) -> list[dict]:
-    """All (fraction, budget kind, backend) rows of one shape."""
+    """All (fraction, budget kind, backend) rows of one shape.
+
+    Per fraction, every round times dense SDPA, then for each budget kind the selection and every
+    backend, back to back: uniform and heterogeneous budgets are paired round by round, and
+    ``vs_uniform`` is the median of the per-round ratio heterogeneous / uniform time.
+    """
     S, P = SHAPES[name]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, S * P, HEAD_DIM, generator=g).to(device) for _ in range(3))
@@ -85,52 +93,60 @@ def bench_shape(name: str, backends: list[str], fractions, rounds: int, device: 
     dense()
     rows = []
     for fraction in fractions:
-        kinds = [("uniform", uniform_budgets(fraction, n_k))]
+        kinds = {"uniform": uniform_budgets(fraction, n_k)}
         if fraction < 1.0:
-            kinds.append(("heterogeneous", heterogeneous_budgets(fraction, n_k)))
-        for kind, budgets in kinds:
+            kinds["heterogeneous"] = heterogeneous_budgets(fraction, n_k)
+        ops, warm, sels, selects = {}, {}, {}, {}
+        for kind, budgets in kinds.items():
             kw = dict(tokens_per_frame=P, num_special=NUM_SPECIAL, blocks_per_head=budgets.to(device))
-            ops, warm = {}, {}
+            selects[kind] = lambda kw=kw: select_blocks(q, k, **kw)  # noqa: E731
+            _, sels[kind] = head_sparse_attention(q, k, v, backend="gather", return_selection=True, **kw)
             for backend in backends:
-                op = lambda b=backend: head_sparse_attention(q, k, v, backend=b, **kw)  # noqa: E731
+                op = lambda b=backend, kw=kw: head_sparse_attention(q, k, v, backend=b, **kw)  # noqa: E731
                 try:
-                    warm[backend] = timed(op)  # flex: compilation happens here
-                    ops[backend] = op
+                    warm[kind, backend] = timed(op)  # flex: compilation happens here
+                    ops[kind, backend] = op
                 except Exception as err:  # noqa: BLE001  (an unavailable backend is reported, not fatal)
-                    log(f"  {name} {backend}: unavailable ({type(err).__name__}: {str(err)[:100]})")
-            _, sel = head_sparse_attention(q, k, v, backend="gather", return_selection=True, **kw)
-            times: dict[str, list[float]] = {b: [] for b in ["dense", "select", *ops]}
-            for _ in range(rounds):
-                times["dense"].append(timed(dense))
-                times["select"].append(timed(lambda: select_blocks(q, k, **kw)))
-                for backend, op in ops.items():
-                    times[backend].append(timed(op))
-            for backend in ops:
-                speedup = statistics.median(d / t for d, t in zip(times["dense"], times[backend]))
-                t_med = statistics.median(times[backend])
-                ideal = 1.0 / sel.density_overall
-                rows.append(dict(
-                    shape=name, N=S * P, S=S, P=P, kept=fraction, budgets=kind, backend=backend,
-                    c_mean=float(budgets.float().mean()), n_k=n_k, density=round(sel.density_overall, 4),
-                    time_s=round(t_med, 4), dense_s=round(statistics.median(times["dense"]), 4),
-                    speedup=round(speedup, 3), ideal=round(ideal, 3), ratio=round(speedup / ideal, 3),
-                    select_share=round(statistics.median(times["select"]) / t_med, 3),
-                    warmup_s=round(warm[backend], 2),
-                ))
-                r = rows[-1]
-                log(f"  {name} f={fraction} {kind:13s} {backend:8s} {r['time_s']:.3f}s dense {r['dense_s']:.3f}s "
-                    f"x{r['speedup']:.2f} / ideal x{r['ideal']:.2f} = {r['ratio']:.2f}  select {r['select_share']:.1%}")
+                    log(f"  {name} {kind} {backend}: unavailable ({type(err).__name__}: {str(err)[:100]})")
+        times: dict = {key: [] for key in ["dense", *[("select", kind) for kind in kinds], *ops]}
+        for _ in range(rounds):
+            times["dense"].append(timed(dense))
+            for kind in kinds:
+                times["select", kind].append(timed(selects[kind]))
+                for (op_kind, backend), op in ops.items():
+                    if op_kind == kind:
+                        times[kind, backend].append(timed(op))
+        for (kind, backend) in ops:
+            t = times[kind, backend]
+            speedup = statistics.median(d / x for d, x in zip(times["dense"], t))
+            t_med, ideal = statistics.median(t), 1.0 / sels[kind].density_overall
+            uni = times.get(("uniform", backend))
+            rows.append(dict(
+                shape=name, N=S * P, S=S, P=P, kept=fraction, budgets=kind, backend=backend,
+                c_mean=float(kinds[kind].float().mean()), n_k=n_k, density=round(sels[kind].density_overall, 4),
+                time_s=round(t_med, 4), dense_s=round(statistics.median(times["dense"]), 4),
+                speedup=round(speedup, 3), ideal=round(ideal, 3), ratio=round(speedup / ideal, 3),
+                vs_uniform=round(statistics.median(x / u for x, u in zip(t, uni)), 3) if uni else float("nan"),
+                select_share=round(statistics.median(times["select", kind]) / t_med, 3),
+                warmup_s=round(warm[kind, backend], 2),
+            ))
+            r = rows[-1]
+            log(f"  {name} f={fraction} {kind:13s} {backend:8s} {r['time_s']:.3f}s dense {r['dense_s']:.3f}s "
+                f"x{r['speedup']:.2f} / ideal x{r['ideal']:.2f} = {r['ratio']:.2f}  vs uniform {r['vs_uniform']:.2f}  "
+                f"select {r['select_share']:.1%}")
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     head = ("| shape | N | kept | budgets | backend | density | time (s) | dense (s) | speed-up | ideal | "
-            "ratio | select share |")
+            "ratio | het / uniform | select share |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        vs_uniform = "" if r["budgets"] == "uniform" else f"{r['vs_uniform']:.2f}"
         lines.append(f"| {r['shape']} | {r['N']} | {r['kept']} | {r['budgets']} | {r['backend']} | {r['density']:.3f} | "
                      f"{r['time_s']:.3f} | {r['dense_s']:.3f} | {r['speedup']:.2f}× | {r['ideal']:.2f}× | "
-                     f"{r['ratio']:.2f} | {r['select_share']:.1%} |")
+                     f"{r['ratio']:.2f} | {vs_uniform} | "
+                     f"{r['select_share']:.1%} |")
     return "\n".join(lines)
 
 
