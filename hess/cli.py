@@ -26,7 +26,8 @@ from types import ModuleType
 from typing import Any, Callable, Optional, Sequence
 
 import hess
-from hess.config import ConfigError, RunConfig, apply_overrides, load_experiment
+from hess.config import ConfigError, RunConfig, apply_overrides
+from hess.experiment import load_experiment
 from hess.registry import Registry
 
 Configure = Callable[[argparse.ArgumentParser], None]

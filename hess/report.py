@@ -27,7 +27,7 @@ RANDOM_INIT_NOTICE = ("> **Random weights.** These runs used a randomly initiali
 
 
 def _question(name: str) -> str:
-    from hess.config import load_experiment
+    from hess.experiment import load_experiment
     from hess.rq.runners import configs_dir
 
     path = configs_dir() / f"{name}.yaml"

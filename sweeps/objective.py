@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import yaml
 
-from hess.config import RunConfig, apply_overrides, flatten_mapping, load_experiment
+from hess.config import RunConfig, apply_overrides, flatten_mapping
+from hess.experiment import load_experiment
 from hess.runtime import load_object
 from hess.tracking import track_run
 

@@ -9,8 +9,9 @@ import pytest
 
 from hess.cli import add_config_arguments, config_from_args
 from hess.config import (
-    BudgetSection, ConfigError, RunConfig, apply_overrides, config_hash, field_types, flatten, from_dict, load_experiment, to_dict,
+    BudgetSection, ConfigError, RunConfig, apply_overrides, config_hash, field_types, flatten, from_dict, to_dict,
 )
+from hess.experiment import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 

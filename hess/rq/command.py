@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from hess.cli import add_config_arguments
-from hess.config import ConfigError, RunConfig, apply_overrides, dump_yaml, load_experiment
+from hess.config import ConfigError, RunConfig, apply_overrides, dump_yaml
+from hess.experiment import load_experiment
 from hess.rq.pipeline import Pipeline, run_tracked
 from hess.rq.runners import SIZING
 

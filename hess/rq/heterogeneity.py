@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from hess.config import Experiment, RunConfig, apply_overrides, flatten
+from hess.config import RunConfig, apply_overrides, flatten
+from hess.experiment import Experiment
 from hess.results import Record
 from hess.rq.tables import REPORTS, Report, add_figure, finish, markdown_table
 

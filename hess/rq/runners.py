@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from hess.config import Experiment, apply_overrides, config_hash, load_experiment
+from hess.config import apply_overrides, config_hash
+from hess.experiment import Experiment, load_experiment
 from hess.registry import Registry
 from hess.rq.pipeline import Pipeline, canonical, run_tracked
 from hess.rq.resources import ModelUnavailableError
