@@ -7,6 +7,7 @@
     run_sweep(study, Objective(evaluate_fn, cfg, space, targets, study_name="demo"), n_trials=40)
     export_study(study, targets, "ablations/outputs/sweeps/demo")
 
+- Search spaces (``Float``, ``Int``, ``Categorical``): :mod:`hess.search_space`.
 - Storage: any SQLAlchemy URL (SQLite by default; PostgreSQL for many machines).  A killed worker
   loses no finished trial: finished trials live in the database, and a new worker continues until
   the study holds ``n_trials`` finished (complete or pruned) trials.
@@ -28,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -37,116 +38,14 @@ from hess.cli import add_config_arguments, config_from_args
 from hess.config import RunConfig, apply_overrides, flatten
 from hess.registry import Registry
 from hess.runtime import load_object
+from hess.search_space import (  # noqa: F401  (the distributions stay importable from hess.sweep)
+    Categorical, Float, Int, Param, SearchSpace, baseline_params, check_space, suggest, to_wandb_parameters,
+)
 from hess.results import DENSITY_KEY, LATENCY_KEY, Record, finite_or_none, write_atomic, write_json
 from hess.tracking import track_run
 
 EvaluateFn = Callable[[RunConfig], Mapping[str, float]]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-# --------------------------------------------------------------------------------- search spaces
-@dataclass(frozen=True)
-class Float:
-    """A float in [low, high] (log-uniform when ``log``; a grid of ``step`` when given)."""
-
-    low: float
-    high: float
-    log: bool = False
-    step: Optional[float] = None
-
-    def suggest(self, trial: optuna.Trial, name: str) -> float:
-        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
-
-    def examples(self) -> list[float]:
-        return [self.low, self.high]
-
-    def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and self.low <= value <= self.high
-
-    def wandb(self) -> dict[str, Any]:
-        if self.step is not None:
-            return {"distribution": "q_uniform", "min": self.low, "max": self.high, "q": self.step}
-        return {"distribution": "log_uniform_values" if self.log else "uniform", "min": self.low, "max": self.high}
-
-
-@dataclass(frozen=True)
-class Int:
-    """An int in [low, high] with ``step``."""
-
-    low: int
-    high: int
-    step: int = 1
-
-    def suggest(self, trial: optuna.Trial, name: str) -> int:
-        return trial.suggest_int(name, self.low, self.high, step=self.step)
-
-    def examples(self) -> list[int]:
-        return [self.low, self.high]
-
-    def contains(self, value: Any) -> bool:
-        return isinstance(value, int) and self.low <= value <= self.high and (value - self.low) % self.step == 0
-
-    def wandb(self) -> dict[str, Any]:
-        if self.step != 1:
-            return {"values": list(range(self.low, self.high + 1, self.step))}
-        return {"distribution": "int_uniform", "min": self.low, "max": self.high}
-
-
-@dataclass(frozen=True)
-class Categorical:
-    """One of ``choices`` (None, bool, int, float or str)."""
-
-    choices: tuple[Any, ...]
-
-    def suggest(self, trial: optuna.Trial, name: str) -> Any:
-        return trial.suggest_categorical(name, list(self.choices))
-
-    def examples(self) -> list[Any]:
-        return list(self.choices)
-
-    def contains(self, value: Any) -> bool:
-        return any(value == c and type(value) is type(c) for c in self.choices)
-
-    def wandb(self) -> dict[str, Any]:
-        return {"values": list(self.choices)}
-
-
-Param = Union[Float, Int, Categorical]
-SearchSpace = Mapping[str, Param]  # dotted config key -> distribution
-
-
-def check_space(space: SearchSpace, base: RunConfig) -> None:
-    """Every key is a config key and every bound/choice is a valid value for it (ConfigError otherwise)."""
-    if not space:
-        raise ValueError("the search space is empty")
-    for key, param in space.items():
-        if not isinstance(param, (Float, Int, Categorical)):
-            raise TypeError(f"search space entry {key!r} must be Float, Int or Categorical, got {param!r}")
-        for value in param.examples():
-            apply_overrides(base, {key: value})
-
-
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    """Sample the space; Optuna parameter names are the dotted config keys."""
-    return {key: param.suggest(trial, key) for key, param in space.items()}
-
-
-def to_wandb_parameters(space: SearchSpace) -> dict[str, dict[str, Any]]:
-    """The ``parameters:`` block of a W&B sweep YAML for the same space (same dotted keys)."""
-    return {key: param.wandb() for key, param in space.items()}
-
-
-def baseline_params(space: SearchSpace, base: RunConfig,
-                    fixed: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Parameters of the baseline trial: ``fixed`` values (default the uniform scorer) where the space
-    has the key, else the base config's values.  Raises ValueError if one lies outside the space."""
-    fixed = {"score.scorer": "uniform"} if fixed is None else dict(fixed)
-    current = flatten(base)
-    params = {key: fixed.get(key, current[key]) for key in space}
-    for key, value in params.items():
-        if not space[key].contains(value):
-            raise ValueError(f"baseline value {value!r} of {key!r} is outside the search space {space[key]}")
-    return params
 
 
 # ------------------------------------------------------------------------------ targets, storage

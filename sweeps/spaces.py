@@ -11,7 +11,7 @@ Output:   <out>/sweeps/<name>.db (Optuna), <out>/sweeps/<name>/{trials.csv, pare
 Every space contains the base config's values (keep ratio 0.27, λ 0.5, iterative capping, 1 block, no
 CDF floor), so the uniform baseline (``score.scorer=uniform``) is a valid first trial.
 """
-from hess.sweep import Categorical, Float, Int
+from hess.search_space import Categorical, Float, Int
 
 SCORERS = ("hess", "uniform", "random", "head-importance", "attention-entropy")
 

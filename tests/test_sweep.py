@@ -23,10 +23,8 @@ from optuna.trial import TrialState
 import hess.tracking as tracking
 from hess.runtime import load_object
 from hess.config import ConfigError, RunConfig, apply_overrides
-from hess.sweep import (
-    Categorical, Float, Int, Objective, Target, baseline_params, check_space, export_study, make_storage,
-    open_study, run_sweep, sampler_seed, to_wandb_parameters,
-)
+from hess.search_space import Categorical, Float, Int, baseline_params, check_space, to_wandb_parameters
+from hess.sweep import Objective, Target, export_study, make_storage, open_study, run_sweep, sampler_seed
 
 REPO = Path(__file__).resolve().parents[1]
 STAND_IN = '''
