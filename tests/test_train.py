@@ -7,7 +7,8 @@ import torch
 
 from hess.data import exact_correspondences, make_scene, normalize_scene, scene_key
 from hess.losses import attention_match_loss, make_batch
-from hess.train import SCENE_OPTIONS, TrainConfig, load_bank, render_bank, train
+from hess.data.bank import load_bank, render_bank
+from hess.train import SCENE_OPTIONS, TrainConfig, train
 
 SMALL = dict(height=42, width=42, num_frames=3, arc_deg=(10.0, 20.0))
 TINY_MODEL = {
