@@ -166,10 +166,10 @@ class OneHeadSparseCore(nn.Module):
     """
 
     def __init__(self, inner: nn.Module, head: int, keep_ratio: float, min_blocks: int = 1,
-                 k_block: int = 64, backend: str = "auto") -> None:
+                 q_block: int = 128, k_block: int = 64, backend: str = "auto") -> None:
         super().__init__()
         self.inner, self.head, self.keep_ratio = inner, head, keep_ratio
-        self.min_blocks, self.k_block, self.backend = min_blocks, k_block, backend
+        self.min_blocks, self.q_block, self.k_block, self.backend = min_blocks, q_block, k_block, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, **core_kwargs) -> Tensor:
         from hess.attention import head_sparse_attention
@@ -182,16 +182,20 @@ class OneHeadSparseCore(nn.Module):
         h = slice(self.head, self.head + 1)
         blocks = torch.full((1,), c, dtype=torch.int64, device=q.device)
         out[:, h] = head_sparse_attention(q[:, h], k[:, h], v[:, h], tokens_per_frame=P, num_special=n_s,
-                                          blocks_per_head=blocks, k_block=self.k_block, backend=self.backend)
+                                          blocks_per_head=blocks, q_block=self.q_block, k_block=self.k_block,
+                                          backend=self.backend)
         return out
 
 
 def oracle_sensitivity(model: nn.Module, scenes: Sequence[Any], error_fn: ErrorFn, keep_ratio: float, *,
-                       min_blocks: int = 1, backend: str = "auto", progress: bool = False) -> Tensor:
+                       min_blocks: int = 1, q_block: int = 128, k_block: int = 64, backend: str = "auto",
+                       progress: bool = False) -> Tensor:
     """Measured increase of the calibration error when one head alone is sparsified (RQ1 ground truth).
 
     ``Δ[l, h] = mean_scenes (e(model with head (l, h) at keep_ratio) - e(dense model))``; expensive:
     ``L * H + 1`` forwards per scene.  The error is measured in full (alignment recomputed), no gradients.
+    ``q_block`` / ``k_block`` should be those the sparsified model will run with (a budget of c blocks
+    of 64 keys is not one of c blocks of 6).
     Returns:
         [L, H] float64; may be slightly negative where sparsifying a head happens to help.
     """
@@ -206,7 +210,8 @@ def oracle_sensitivity(model: nn.Module, scenes: Sequence[Any], error_fn: ErrorF
     with grad_only_for(model), torch.no_grad():
         base = torch.tensor([float(error_fn(model, s)) for s in scenes], dtype=torch.float64)
         for l, h in tqdm(pairs, desc="oracle heads", disable=not progress):
-            make = lambda _, core: OneHeadSparseCore(core, h, keep_ratio, min_blocks, backend=backend)  # noqa: E731
+            make = lambda _, core: OneHeadSparseCore(core, h, keep_ratio, min_blocks, q_block, k_block,  # noqa: E731
+                                                     backend=backend)
             with wrapped_cores([layers[l]], make):
                 errs = torch.tensor([float(error_fn(model, s)) for s in scenes], dtype=torch.float64)
             delta[l, h] = (errs - base).mean()

@@ -203,7 +203,7 @@ class ScoreContext:
         model, scenes: for the model-based scorers.
         error_fn: ``(model, scene) -> []`` calibration error (``head-importance``, ``oracle``).
         lam, proj, normalize: HeSS read-out options.
-        seed: for ``random``.  keep_ratio, min_blocks: the sparsity level the ``oracle`` probes.
+        seed: for ``random``.  keep_ratio, min_blocks, q_block, k_block: the sparsity the ``oracle`` probes.
     """
 
     head_scores: Optional[HeadScores] = None
@@ -217,6 +217,8 @@ class ScoreContext:
     seed: int = 0
     keep_ratio: float = 0.25
     min_blocks: int = 1
+    q_block: int = 128
+    k_block: int = 64
 
     def need(self, scorer: str, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None or (n == "scenes" and len(self.scenes) == 0)]
@@ -297,7 +299,7 @@ def oracle_scores(ctx: ScoreContext) -> Tensor:
     """
     ctx.need("oracle", "model", "scenes", "error_fn")
     delta = model_scorers.oracle_sensitivity(ctx.model, ctx.scenes, ctx.error_fn, ctx.keep_ratio,
-                                             min_blocks=ctx.min_blocks)
+                                             min_blocks=ctx.min_blocks, q_block=ctx.q_block, k_block=ctx.k_block)
     if (delta < 0).any():
         warnings.warn(f"oracle: {int((delta < 0).sum())} heads lower the error when sparsified; clamped to 0")
     return delta.clamp_min(0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -234,6 +235,34 @@ def test_oracle_known_answers():
         clamped = SCORERS.get("oracle")(ctx)
     assert torch.allclose(clamped, low.clamp_min(0))
 
+
+
+def test_oracle_uses_the_given_block_sizes_like_a_sparsified_model():
+    """With q_block 32 / k_block 16 (16 key blocks per sequence, 4 kept), Δ of one head equals the error of
+    the model sparsified by ``hess.sparsify`` with that head alone at the keep ratio, minus the dense error;
+    and it differs from Δ at the default 128 / 64 blocks (1 of 4 blocks kept)."""
+    from hess.patch import SparsePlan, densify, sparsify
+
+    model, scene = _oracle_setup()
+    error_fn = calibration_error_fn(CalibConfig(use_icp=False, progress=False), lam=0.5)
+    small = oracle_sensitivity(model, [scene], error_fn, keep_ratio=0.25, q_block=32, k_block=16)
+    default = oracle_sensitivity(model, [scene], error_fn, keep_ratio=0.25)
+    with torch.no_grad():
+        dense = float(error_fn(model, scene))
+        for l, h in [(0, 1), (1, 0)]:
+            ratio = torch.ones(2, 2, dtype=torch.float64)
+            ratio[l, h] = 0.25
+            sparsify(model, SparsePlan(keep_ratio=ratio, q_block=32, k_block=16))
+            try:
+                expected = float(error_fn(model, scene)) - dense
+            finally:
+                densify(model)
+            assert small[l, h].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert (small - default).abs().max() > 1e-6
+    ctx = ScoreContext(model=model, scenes=[scene], error_fn=error_fn, keep_ratio=0.25, q_block=32, k_block=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # heads that lower the error are clamped (and warned)
+        assert torch.allclose(SCORERS.get("oracle")(ctx), small.clamp_min(0))
 
 def test_score_heads_runs_every_scorer_on_the_tiny_model():
     model, scene = tiny()

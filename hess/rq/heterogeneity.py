@@ -30,39 +30,20 @@ SCORE_PREFIX = "score/"
 def oracle_scores(pipe: Any, cfg: RunConfig, keep_ratio: float, progress: bool = True) -> Tensor:
     """Signed ``Δe[l, h]``: mean over calibration scenes of e(head (l, h) alone at ``keep_ratio``) − e(all dense).
 
-    Uses the run's block sizes (``sparse.q_block`` / ``k_block``) and the λ-mixed calibration error
-    (``hess.calibrate.calibration_error_fn``); the reference also runs through the sparse op with every
-    head at full budget, so both sides share one numerical path.  [L, H] float64.
+    ``hess.scorers.oracle_sensitivity`` with the run's block sizes (``sparse.q_block`` / ``k_block``),
+    backend, ``budget.min_blocks`` and the λ-mixed calibration error (``hess.calibrate.calibration_error_fn``).
+    [L, H] float64.
     """
-    from tqdm.auto import tqdm
-
     from hess.calibrate import calibration_error_fn
-    from hess.patch import SparsePlan, densify, sparsify
     from hess.rq.resources import calib_config
+    from hess.scorers import oracle_sensitivity
 
     model, _ = pipe.resources.model(cfg.model)
     scenes = pipe.resources.calib_scenes(cfg.data, cfg.calib)
     error = calibration_error_fn(calib_config(cfg.calib, progress=False), lam=cfg.score.lam)
-    L, H = len(model.global_attention_layers()), model.global_attention_layers()[0].num_heads
-
-    def mean_error(ratio: Tensor) -> float:
-        sparsify(model, SparsePlan(keep_ratio=ratio, q_block=cfg.sparse.q_block, k_block=cfg.sparse.k_block,
-                                   backend=cfg.sparse.backend))
-        try:
-            with torch.no_grad():
-                return float(np.mean([float(error(model, s)) for s in scenes]))
-        finally:
-            densify(model)
-
-    ones = torch.ones(L, H, dtype=torch.float64)
-    base = mean_error(ones)
-    delta = torch.zeros(L, H, dtype=torch.float64)
-    for l, h in tqdm([(l, h) for l in range(L) for h in range(H)], desc="oracle (one head sparsified)",
-                     disable=not progress):
-        ratio = ones.clone()
-        ratio[l, h] = keep_ratio
-        delta[l, h] = mean_error(ratio) - base
-    return delta
+    return oracle_sensitivity(model, scenes, error, keep_ratio, min_blocks=cfg.budget.min_blocks,
+                              q_block=cfg.sparse.q_block, k_block=cfg.sparse.k_block, backend=cfg.sparse.backend,
+                              progress=progress)
 
 
 def score_tables(pipe: Any, exp: Experiment, progress: bool = True) -> dict[str, Tensor]:

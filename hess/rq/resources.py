@@ -240,7 +240,8 @@ class Resources:
         needs_traces = name in ("hess", "inverted-hess")
         needs_scenes = name in ("head-importance", "attention-entropy", "oracle")
         key = _key("scores", name, cfg.model, cfg.score, cfg.calib.proj,
-                   cfg.budget.keep_ratio if name == "oracle" else None,
+                   (cfg.budget.keep_ratio, cfg.budget.min_blocks, cfg.sparse.q_block, cfg.sparse.k_block)
+                   if name == "oracle" else None,
                    cfg.calib if needs_traces or needs_scenes else None)
 
         def make() -> Tensor:
@@ -249,6 +250,7 @@ class Resources:
             return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress), head_scores=traces,
                                lam=cfg.score.lam, proj=cfg.calib.proj, normalize=cfg.score.normalize,
                                seed=cfg.score.seed, keep_ratio=cfg.budget.keep_ratio,
-                               min_blocks=cfg.budget.min_blocks).detach().to("cpu", torch.float64)
+                               min_blocks=cfg.budget.min_blocks, q_block=cfg.sparse.q_block,
+                               k_block=cfg.sparse.k_block).detach().to("cpu", torch.float64)
 
         return self._get(key, make)
