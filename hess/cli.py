@@ -167,11 +167,19 @@ def _unavailable(message: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``hess`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, run = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
+        args.overrides += extra  # KEY=VALUE after an option (argparse stops collecting positionals there)
+    elif extra:
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit
     try:
         return int(run(args) or 0)
     except (ConfigError, FileNotFoundError) as err:  # user errors: a message, not a traceback

@@ -67,9 +67,9 @@ class DataSection(_Section):
     split: str = "eval"
     root: Optional[str] = None  # dataset root for real data
     num_scenes: int = 4
-    num_frames: int = 8
-    height: int = 168
-    width: int = 224
+    num_frames: int = 4  # the embedded model's training views (hess.data.synthetic.EMBEDDED_SCENE_OPTIONS)
+    height: int = 84
+    width: int = 84
     seed: int = 0
 
 
@@ -88,7 +88,7 @@ class CalibSection(_Section):
     """HeSS calibration (method.md §3): errors against ground truth, Fisher traces of W_Q rows."""
     _name: ClassVar[str] = "calib"
     num_scenes: int = 4
-    num_frames: int = 8
+    num_frames: int = 4
     inlier_eps: float = 0.05
     proj: Literal["q", "k", "v"] = "q"
     use_icp: bool = True
@@ -121,8 +121,8 @@ class SparseSection(_Section):
     """The sparse attention op (issue 3): block sizes, CDF floor, backend; ``method`` dense/sparse."""
     _name: ClassVar[str] = "sparse"
     method: Literal["dense", "sparse"] = "sparse"  # dense = no sparsification at all
-    q_block: int = 128
-    k_block: int = 64
+    q_block: int = 12  # hess-tiny: 6×6 patches per 84×84 frame → key blocks of one patch row (VGGT-1B: 128 / 64)
+    k_block: int = 6
     cdf_threshold: Optional[float] = None
     backend: str = "auto"
 

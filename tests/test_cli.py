@@ -103,6 +103,21 @@ def test_provider_is_dispatched_and_user_errors_are_messages(fake_command, capsy
     assert "Traceback" not in err
 
 
+
+def test_overrides_may_follow_options(fake_command, capsys):
+    """``KEY=VALUE`` after an option still counts (argparse alone stops collecting positionals there);
+    anything else unrecognised is still the usual usage error."""
+    fake_command(
+        "from hess.cli import add_config_arguments, config_from_args\n"
+        "def configure_cli(parser):\n    add_config_arguments(parser)\n"
+        "def run_cli(args):\n    cfg = config_from_args(args)\n"
+        "    print(cfg.budget.keep_ratio, cfg.score.lam, cfg.log.wandb_mode)\n    return 0\n"
+    )
+    assert main(["fake", "budget.keep_ratio=0.125", "--no-wandb", "score.lam=0.25", "budget.keep_ratio=0.5"]) == 0
+    assert capsys.readouterr().out.split() == ["0.5", "0.25", "disabled"]  # later overrides win
+    assert _exit_code(["fake", "score.lam=0.25", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
 def test_help_imports_no_command_module():
     code = ("import sys\nfrom hess.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
