@@ -96,38 +96,37 @@ def bench_shape(name: str, backends: list[str], fractions, rounds: int, device: 
         kinds = {"uniform": uniform_budgets(fraction, n_k)}
         if fraction < 1.0:
             kinds["heterogeneous"] = heterogeneous_budgets(fraction, n_k)
-        ops, warm, sels, selects = {}, {}, {}, {}
+        ops, warm, sels = {}, {}, {}  # ops[kind]: "select" (the selection alone) and each available backend
         for kind, budgets in kinds.items():
             kw = dict(tokens_per_frame=P, num_special=NUM_SPECIAL, blocks_per_head=budgets.to(device))
-            selects[kind] = lambda kw=kw: select_blocks(q, k, **kw)  # noqa: E731
+            ops[kind] = {"select": lambda kw=kw: select_blocks(q, k, **kw)}  # noqa: E731
             _, sels[kind] = head_sparse_attention(q, k, v, backend="gather", return_selection=True, **kw)
             for backend in backends:
                 op = lambda b=backend, kw=kw: head_sparse_attention(q, k, v, backend=b, **kw)  # noqa: E731
                 try:
                     warm[kind, backend] = timed(op)  # flex: compilation happens here
-                    ops[kind, backend] = op
+                    ops[kind][backend] = op
                 except Exception as err:  # noqa: BLE001  (an unavailable backend is reported, not fatal)
                     log(f"  {name} {kind} {backend}: unavailable ({type(err).__name__}: {str(err)[:100]})")
-        times: dict = {key: [] for key in ["dense", *[("select", kind) for kind in kinds], *ops]}
+        dense_t: list[float] = []
+        times = {kind: {op_name: [] for op_name in named} for kind, named in ops.items()}
         for _ in range(rounds):
-            times["dense"].append(timed(dense))
-            for kind in kinds:
-                times["select", kind].append(timed(selects[kind]))
-                for (op_kind, backend), op in ops.items():
-                    if op_kind == kind:
-                        times[kind, backend].append(timed(op))
-        for (kind, backend) in ops:
-            t = times[kind, backend]
-            speedup = statistics.median(d / x for d, x in zip(times["dense"], t))
+            dense_t.append(timed(dense))
+            for kind, named in ops.items():
+                for op_name, op in named.items():
+                    times[kind][op_name].append(timed(op))
+        for kind, backend in warm:
+            t = times[kind][backend]
+            speedup = statistics.median(d / x for d, x in zip(dense_t, t))
             t_med, ideal = statistics.median(t), 1.0 / sels[kind].density_overall
-            uni = times.get(("uniform", backend))
+            uni = times["uniform"].get(backend)
             rows.append(dict(
                 shape=name, N=S * P, S=S, P=P, kept=fraction, budgets=kind, backend=backend,
                 c_mean=float(kinds[kind].float().mean()), n_k=n_k, density=round(sels[kind].density_overall, 4),
-                time_s=round(t_med, 4), dense_s=round(statistics.median(times["dense"]), 4),
+                time_s=round(t_med, 4), dense_s=round(statistics.median(dense_t), 4),
                 speedup=round(speedup, 3), ideal=round(ideal, 3), ratio=round(speedup / ideal, 3),
                 vs_uniform=round(statistics.median(x / u for x, u in zip(t, uni)), 3) if uni else float("nan"),
-                select_share=round(statistics.median(times["select", kind]) / t_med, 3),
+                select_share=round(statistics.median(times[kind]["select"]) / t_med, 3),
                 warmup_s=round(warm[kind, backend], 2),
             ))
             r = rows[-1]
