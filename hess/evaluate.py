@@ -110,7 +110,7 @@ def evaluate_model(model: nn.Module, scenes: Sequence[Scene], *,
     """Pose AUC / RRA / RTA, point-map Chamfer (all frames, frame 0) and frame-0 depth AbsRel.
 
     Args:
-        model: a VGGT (camera head required; point head for the point metrics).
+        model: a VGGT (camera head required; point head for the point metrics) or a π³.
         scenes: Scenes in input order (use shuffled test scenes, ``eval_scenes_default``).
         attention: "dense", "frame-local" (own frame + special tokens), "frame-only", or a SparsePlan.
     Returns:
@@ -136,7 +136,10 @@ def evaluate_model(model: nn.Module, scenes: Sequence[Scene], *,
                 ch.append(c_all)
                 perr.append(e_all)
                 ch0.append(chamfer_after_sim3(wp[0], gt.world_points[0], gt.valid[0])[0])
-                rel.append(depth_metrics(wp[0, ..., 2], gt.depth[0], gt.valid[0], median_scale=True)["abs_rel"])
+                # frame-0 depth: the model's own depth map where it has one (π³: z of its local points; its
+                # world frame is not camera 0), else the z of VGGT's frame-0-coordinate point map.
+                d0 = geo["depth"][0, 0] if "depth" in geo else wp[0, ..., 2]
+                rel.append(depth_metrics(d0, gt.depth[0], gt.valid[0], median_scale=True)["abs_rel"])
     finally:
         for a, core in zip(model.global_attention_layers(), previous):
             a.core = core

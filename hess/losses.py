@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -110,35 +111,58 @@ def point_loss(points: Tensor, conf: Tensor, target: Tensor, valid: Tensor, alph
 
 
 class AttentionProbe(nn.Module):
-    """Dense core (SDPA) that also stores the logits ``q_h k_hᵀ/√D`` [B, N, N] of ``heads``.
+    """Dense core (SDPA) that also stores the logits ``q_h k_hᵀ/√D`` [B, h, N, N] of ``heads``.
 
-    q, k, v: [B, H, N, D] → [B, H, N, D], identical to ``DenseCore``.
+    q, k, v: [B, H, N, D] → [B, H, N, D], identical to ``DenseCore``.  ``heads = None``: every head
+    (needed when the match loss pools the attention of all heads, ``ATTENTION_POOLS["mean"]``).
     """
 
-    def __init__(self, heads: Sequence[int] = (0,)) -> None:
+    def __init__(self, heads: Optional[Sequence[int]] = (0,)) -> None:
         super().__init__()
-        self.heads = list(heads)
+        self.heads = None if heads is None else list(heads)
         self.logits: Optional[Tensor] = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, **core_kwargs) -> Tensor:
-        qh, kh = q[:, self.heads], k[:, self.heads]
+        qh, kh = (q, k) if self.heads is None else (q[:, self.heads], k[:, self.heads])
         self.logits = (qh @ kh.transpose(-1, -2)) * q.shape[-1] ** -0.5     # [B, h, N, N]
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def attention_match_loss(logits: Tensor, match: Tensor, num_special: int) -> Tensor:
+def _each_head(logp: Tensor) -> Tensor:
+    """[B, h, ..., N] log-attention per head → unchanged: every probed head is supervised on its own."""
+    return logp
+
+
+def _head_mean(logp: Tensor) -> Tensor:
+    """[B, h, ..., N] → [B, 1, ..., N]: log of the head-averaged attention, log(1/h Σ_h softmax_h).
+
+    The layer as a whole must attend to the match; WHICH heads carry it is left to training."""
+    return torch.logsumexp(logp, dim=1, keepdim=True) - math.log(logp.shape[1])
+
+
+#: How the attention of the probed heads is pooled before the match cross-entropy.
+ATTENTION_POOLS = {"each": _each_head, "mean": _head_mean}
+
+
+def attention_match_loss(logits: Tensor, match: Tensor, num_special: int, pool: str = "each") -> Tensor:
     """Cross-entropy of supervised heads' attention onto GT cross-view matches.
 
     Args:
         logits: [B, h, N, N] with N = S·P, P = num_special + Pi.
         match: [B, S, Pi, S] key patch index in frame j (-1: no visible match; j = i is -1).
+        pool: ``ATTENTION_POOLS`` key: ``"each"`` supervises every probed head on its own,
+            ``"mean"`` the head-averaged attention of the layer (no head is hard-wired to match).
     Returns:
-        mean over (head, query with ≥ 1 match) of -mean_targets log softmax(logits)[target].
+        mean over (pooled head, query with ≥ 1 match) of -mean_targets log attention[target].
     """
-    B, h, N, _ = logits.shape
+    if pool not in ATTENTION_POOLS:
+        raise ValueError(f"attention pool must be one of {sorted(ATTENTION_POOLS)}, got {pool!r}")
+    B, _, N, _ = logits.shape
     _, S, Pi, _ = match.shape
     P = num_special + Pi
-    logp = logits.float().log_softmax(-1).reshape(B, h, S, P, N)[:, :, :, num_special:]   # [B, h, S, Pi, N]
+    logp = logits.float().log_softmax(-1).reshape(B, -1, S, P, N)[:, :, :, num_special:]  # [B, h, S, Pi, N]
+    logp = ATTENTION_POOLS[pool](logp)
+    h = logp.shape[1]
     key = torch.arange(S)[None, None, None, :] * P + num_special + match.clamp(min=0)      # [B, S, Pi, S]
     ok = (match >= 0).float()
     picked = logp.gather(-1, key[:, None].expand(B, h, S, Pi, S))                         # [B, h, S, Pi, S]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,17 +34,7 @@ SCENE_OPTIONS: dict[str, Any] = EMBEDDED_SCENE_OPTIONS  # the embedded model's t
 
 
 # ------------------------------------------------------------------------------------------- config
-#: Architecture of ``hess-tiny`` (sectioned ``build_vggt`` config; no depth or track head).
-TINY_MODEL_CONFIG: dict[str, Any] = {
-    "name": "hess-tiny",
-    "aggregator": dict(img_size=84, patch_size=14, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
-                       num_register_tokens=4, patch_embed="conv", qk_norm=True, rope_freq=100, init_values=1.0),
-    "camera_head": dict(trunk_depth=1, num_heads=4, init_values=1.0),
-    "point_head": dict(output_dim=4, activation="inv_log", conf_activation="expp1", features=16,
-                       out_channels=[16, 16, 32, 32], intermediate_layer_idx=[0, 1, 2, 3]),
-    "depth_head": None,
-    "track_head": None,
-}
+from hess.objectives import OBJECTIVES, TINY8_MODEL_CONFIG, TINY_MODEL_CONFIG, TINY_PI3_CONFIG  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -58,7 +49,12 @@ class TrainConfig:
     curve and walls: corner walls behind the objects (None: as in ``SCENE_OPTIONS``).  init_from: a
     ``.safetensors`` VGGT to start from (fine-tuning; ignored when ``out_dir/ckpt.pt`` exists, which
     resumes instead); its keys must match the model exactly, except those under an ``init_reset``
-    prefix (e.g. ``"point_head."``), which keep their fresh initialisation (to grow a head).
+    prefix (e.g. ``"point_head."``) or matching an ``init_reset`` glob (e.g. ``"*.q_norm.*"``), which keep
+    their fresh initialisation (to grow a head, or to change the head count).  family: ``OBJECTIVES`` key
+    (``vggt`` or ``pi3``); model: its architecture (None: the family's tiny default).  views: frames per
+    bank scene and per val scene (None: ``SCENE_OPTIONS``).  attn_heads: probed heads of every global layer
+    (None: all); attn_pool: ``hess.losses.ATTENTION_POOLS`` key (``"mean"`` supervises the head-averaged
+    attention, so no head is hard-wired to match).  w_conf: π³'s confidence BCE.
     """
 
     out_dir: str = "runs/hess-tiny"
@@ -80,7 +76,11 @@ class TrainConfig:
     w_loc: float = 1.0
     w_probe: float = 0.0
     w_dir: float = 0.0
-    attn_heads: tuple[int, ...] = (0,)
+    attn_heads: Optional[tuple[int, ...]] = (0,)
+    attn_pool: str = "each"
+    w_conf: float = 1.0
+    family: str = "vggt"
+    views: Optional[int] = None
     eval_every: int = 500
     eval_scenes: int = 24
     save_every_s: float = 180.0
@@ -90,7 +90,11 @@ class TrainConfig:
     walls: Optional[bool] = None
     init_from: Optional[str] = None
     init_reset: tuple[str, ...] = ()
-    model: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_MODEL_CONFIG)))
+    model: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = json.loads(json.dumps(OBJECTIVES.get(self.family).default_model))
 
     def scene_options(self) -> dict[str, Any]:
         """Synthetic options of this run's bank and val scenes."""
@@ -99,11 +103,12 @@ class TrainConfig:
     def scene_overrides(self) -> dict[str, Any]:
         """The options this run sets on top of ``SCENE_OPTIONS`` (checked against the bank's shards)."""
         out = {"arc_deg": tuple(self.arc_deg)} if self.arc_deg is not None else {}
+        out.update({"num_frames": int(self.views)} if self.views is not None else {})
         return {**out, **({"walls": bool(self.walls)} if self.walls is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------ training
-LOG_COLUMNS = ("total", "camera", "point", "attn", "loc", "dir", "probe", "grad_norm")   # log.csv after step, seconds, S
+LOG_COLUMNS = ("total", "camera", "point", "attn", "loc", "dir", "probe", "conf", "grad_norm")   # log.csv after step, seconds, S
 
 
 def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
@@ -141,17 +146,13 @@ class Trainer:
     """Model + training-only modules + optimiser; ``step(batch) -> dict of losses``."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from hess.losses import AttentionProbe, LocationHead, PoseProbes
-        from hess.models import build_vggt
+        from hess.losses import AttentionProbe
 
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.model = build_vggt(cfg.model)
-        self.model.aggregator.use_checkpoint = False
-        self.loc_head = LocationHead(2 * cfg.model["aggregator"]["embed_dim"])
-        self.pose_probes = (PoseProbes(2 * cfg.model["aggregator"]["embed_dim"], cfg.model["aggregator"]["depth"])
-                            if cfg.w_probe > 0 else None)
-        self.aux = torch.nn.ModuleList([m for m in (self.loc_head, self.pose_probes) if m is not None])  # never exported
+        self.objective = OBJECTIVES.get(cfg.family)
+        self.model = self.objective.build(cfg.model)
+        self.aux = torch.nn.ModuleList(self.objective.aux(cfg, self.model))   # training only, never exported
         self.probes = []
         if cfg.w_attn > 0:
             for attn in self.model.global_attention_layers():
@@ -161,27 +162,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95))
 
     def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from hess.losses import (attention_match_loss, camera_loss, location_loss, point_loss,
-                                 translation_direction_loss)
-
-        cfg, model = self.cfg, self.model
-        tokens, ps = model.aggregator(batch["images"])
-        out: dict[str, Tensor] = {}
-        pose_list = model.camera_head(tokens)
-        out["camera"] = camera_loss(pose_list, batch["pose_enc"])
-        if cfg.w_dir > 0:
-            out["dir"] = translation_direction_loss(pose_list[-1], batch["pose_enc"])
-        if cfg.w_probe > 0:
-            out["probe"] = torch.stack([(p - batch["pose_enc"]).abs().mean() for p in self.pose_probes(tokens)]).mean()
-        if cfg.w_point > 0:
-            pts, conf = model.point_head(tokens, images=batch["images"], patch_start_idx=ps)
-            out["point"] = point_loss(pts, conf, batch["points"], batch["valid"])
-        if cfg.w_attn > 0:
-            out["attn"] = torch.stack([attention_match_loss(p.logits, batch["match"], ps) for p in self.probes]).mean()
-        if cfg.w_loc > 0:
-            out["loc"] = location_loss(self.loc_head(tokens[-1][:, :, ps:]), batch["loc0"], batch["loc0_valid"])
+        cfg = self.cfg
+        out = self.objective.losses(self.model, list(self.aux), self.probes, batch, cfg)
         weights = {"camera": cfg.w_camera, "point": cfg.w_point, "attn": cfg.w_attn, "loc": cfg.w_loc,
-                   "dir": cfg.w_dir, "probe": cfg.w_probe}
+                   "dir": cfg.w_dir, "probe": cfg.w_probe, "conf": cfg.w_conf}
         out["total"] = sum(weights[k] * v for k, v in out.items())
         return out
 
@@ -206,17 +190,22 @@ class Trainer:
         if "aux" in state:
             self.aux.load_state_dict(state["aux"])
         else:                                                                 # checkpoints before PoseProbes
-            self.loc_head.load_state_dict(state["loc_head"])
+            self.aux[0].load_state_dict(state["loc_head"])
         self.opt.load_state_dict(state["opt"])
 
     def export(self, path: Path) -> Path:
-        """The shipped VGGT only: safetensors (fp32) and its config beside it."""
+        """The shipped model only: safetensors (fp32) and ``config.json`` beside it (what ``load_vggt`` /
+        ``load_pi3`` read for a directory or a weights file with a config beside it)."""
         from safetensors.torch import save_file
 
         sd = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
         save_file(sd, str(path))
-        path.with_suffix(".json").write_text(json.dumps(self.cfg.model, indent=1))
+        (path.parent / EXPORT_CONFIG).write_text(json.dumps(self.cfg.model, indent=1))
         return path
+
+
+#: File name of the architecture written beside an exported model (the loaders' ``config.json``).
+EXPORT_CONFIG = "config.json"
 
 
 def _save(path: Path, trainer: Trainer, step: int, gen: torch.Generator, elapsed: float, history: list) -> None:
@@ -226,15 +215,20 @@ def _save(path: Path, trainer: Trainer, step: int, gen: torch.Generator, elapsed
     tmp.replace(path)
 
 
+def _is_reset(key: str, reset: tuple[str, ...]) -> bool:
+    """Whether ``key`` stays freshly initialised: under a prefix, or matching a glob (``*`` or ``?`` in it)."""
+    return any(fnmatch.fnmatchcase(key, r) if any(c in r for c in "*?[") else key.startswith(r) for r in reset)
+
+
 def _init_weights(model: torch.nn.Module, path: Path, reset: tuple[str, ...]) -> None:
     """Load ``path`` into ``model``: every key must match, except those under a ``reset`` prefix (kept)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise FileNotFoundError(f"--init-from {path}: no such checkpoint file")
-    source = {k: v for k, v in load_file(str(path)).items() if not (reset and k.startswith(reset))}
+    source = {k: v for k, v in load_file(str(path)).items() if not _is_reset(k, reset)}
     mine = model.state_dict()
-    missing = [k for k in mine if k not in source and not (reset and k.startswith(reset))]
+    missing = [k for k in mine if k not in source and not _is_reset(k, reset)]
     unexpected = [k for k in source if k not in mine]
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in source.items()
              if k in mine and v.shape != mine[k].shape]
@@ -305,8 +299,6 @@ def train(config: TrainConfig) -> Path:
             if eval_scenes is None:
                 eval_scenes = eval_scenes_default("val", cfg.eval_scenes, options=cfg.scene_options())
             trainer.model.eval()
-            for p in trainer.probes:                                          # plain dense during eval
-                p.heads = list(cfg.attn_heads)
             m = evaluate_model(trainer.model, eval_scenes, attention="dense")
             m.update(step=step, minutes=round((time.time() - t_start) / 60, 2))
             history.append(m)
@@ -328,7 +320,8 @@ def train(config: TrainConfig) -> Path:
 
 
 _CLI_FIELDS = ("out_dir", "bank_dir", "seed", "steps", "minutes", "batch_size", "curriculum_steps", "lr", "w_camera",
-               "w_point", "w_attn", "w_loc", "w_dir", "w_probe", "eval_every", "eval_scenes", "threads")
+               "w_point", "w_attn", "w_loc", "w_dir", "w_probe", "w_conf", "eval_every", "eval_scenes", "threads",
+               "family", "attn_pool")
 
 
 def configure_cli(p: argparse.ArgumentParser) -> None:
@@ -347,6 +340,12 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
                    help="with --init-from: state-dict key prefixes not loaded (kept freshly initialised), e.g. point_head.")
     p.add_argument("--model-config", type=Path, default=None,
                    help="JSON file of the sectioned build_vggt config (default: hess-tiny's architecture)")
+    p.add_argument("--views", type=int, default=None,
+                   help="frames per bank and val scene (default: the embedded distribution's)")
+    p.add_argument("--frames-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="after the curriculum, S is drawn from LO..HI (default 2 4)")
+    p.add_argument("--attn-heads", nargs="+", default=None, metavar="H",
+                   help="probed heads of every global layer, or 'all' (default: 0)")
     p.add_argument("--stop-at", type=int, default=None, help="save and stop at this step (schedule unchanged)")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--render-bank", default="", metavar="A-B[,C-D]",
@@ -356,10 +355,16 @@ def configure_cli(p: argparse.ArgumentParser) -> None:
 
 def run_cli(a: argparse.Namespace) -> int:
     """Render the requested bank shards, then ``train``; prints the exported checkpoint path."""
+    extra: dict[str, Any] = {}
+    if a.model_config:
+        extra["model"] = json.loads(a.model_config.read_text())
+    if a.frames_range:
+        extra["frames_range"] = tuple(a.frames_range)
+    if a.attn_heads:
+        extra["attn_heads"] = None if a.attn_heads == ["all"] else tuple(int(h) for h in a.attn_heads)
     cfg = TrainConfig(**{k: getattr(a, k) for k in _CLI_FIELDS}, stop_at=a.stop_at, wandb=not a.no_wandb,
-                      arc_deg=tuple(a.arc_deg) if a.arc_deg else None, walls=a.walls,
-                      init_from=a.init_from, init_reset=tuple(a.init_reset),
-                      **({"model": json.loads(a.model_config.read_text())} if a.model_config else {}))
+                      arc_deg=tuple(a.arc_deg) if a.arc_deg else None, walls=a.walls, views=a.views,
+                      init_from=a.init_from, init_reset=tuple(a.init_reset), **extra)
     for part in filter(None, a.render_bank.split(",")):
         try:
             first, last = (int(x) for x in part.split("-"))

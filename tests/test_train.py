@@ -87,7 +87,7 @@ def test_train_loss_falls_and_resume_is_exact(bank_dir, tmp_path):
     common = dict(bank_dir=str(bank_dir), steps=30, batch_size=2, curriculum_steps=10, warmup=3, lr=2e-3,
                   eval_scenes=0, wandb=False, threads=1, model=TINY_MODEL)
     path = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
-    assert path.exists() and json.loads(path.with_suffix(".json").read_text())["aggregator"]["embed_dim"] == 32
+    assert path.exists() and json.loads((path.parent / "config.json").read_text())["aggregator"]["embed_dim"] == 32
     rows = _rows(tmp_path / "a" / "log.csv")
     first = sum(r[3] for r in rows[:5]) / 5
     last = sum(r[3] for r in rows[-5:]) / 5
