@@ -24,7 +24,7 @@ def test_defaults_and_flatten_cover_every_field():
     assert flat["model.name"] == "hess-tiny" and flat["data.dataset"] == "synthetic"
     assert flat["sparse.cdf_threshold"] is None and flat["budget.capping"] == "iterative"
     assert {k.split(".")[0] for k in flat} == {"data", "model", "calib", "score", "budget", "sparse", "eval", "log"}
-    assert flat["eval.metrics"] == ["auc30", "chamfer", "acc", "comp"]  # tuples flatten to lists
+    assert flat["eval.metrics"] == ["pose", "points", "depth", "point_err"]  # tuples flatten to lists
 
 
 def test_round_trip_through_dict_and_flat_mapping():
