@@ -35,7 +35,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{f"data.{n}": _AT_LEAST_1 for n in ("num_scenes", "num_frames", "height", "width")},
     "calib.num_scenes": _AT_LEAST_1, "calib.num_frames": (lambda v: v >= 2, ">= 2"),
     "calib.inlier_eps": (lambda v: v > 0, "> 0"),
-    **{f"calib.{n}": (lambda v: v is None or v >= 1, "None or >= 1") for n in ("max_frames", "max_points", "icp_max_points")},
+    **{f"calib.{n}": (lambda v: v is None or v >= 1, "None or >= 1") for n in ("max_frames", "max_points", "icp_max_points", "height", "width")},
     "calib.icp_max_distance": (lambda v: v > 0, "> 0"), "calib.icp_iterations": _AT_LEAST_1, "score.lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "budget.keep_ratio": _UNIT_OPEN, "budget.min_blocks": _AT_LEAST_1,
     "sparse.q_block": _AT_LEAST_1, "sparse.k_block": _AT_LEAST_1,
@@ -106,7 +106,10 @@ class CalibSection(_Section):
     dataset: Optional[str] = None
     root: Optional[str] = None  # None: data.root when calib.dataset is data.dataset, else $HESS_CO3D_ROOT / $HESS_DTU_ROOT
     split: str = "calib"  # co3d: the set list's train subset, checked disjoint from test; synthetic: the calib split
-    # hess.calibrate.CalibConfig options (memory: VGGT-1B at 20 frames needs checkpointing + bf16 autocast on CUDA)
+    height: Optional[int] = None  # calibration frame size (real data: height limit); None = data.height / data.width
+    width: Optional[int] = None
+    # hess.calibrate.CalibConfig options (memory: VGGT-1B at 20 frames needs checkpointing + bf16 autocast on CUDA;
+    # autocast applies on CUDA only, CPU runs stay in the model's dtype)
     checkpointing: bool = False
     autocast: Optional[Literal["bfloat16", "float16"]] = None
     max_frames: Optional[int] = None

@@ -4,6 +4,7 @@ Question: every research question of the study (method.md §6) on one preset.
 Command:  hess reproduce all --preset demo            # embedded model, synthetic scenes, CPU-sized
           hess reproduce rq2 --preset paper           # VGGT-1B weights + CO3Dv2/DTU (users with data)
           hess reproduce rq3 data.num_scenes=8 --preset demo --no-wandb   # overrides right after the RQ
+          hess reproduce all --preset paper --dry-run   # preflight: weights, data, calibration split, memory
 Output:   runs under <out>/reproduce/<preset>-<timestamp>/<experiment>/<run>/ (ablations/outputs by default),
           tables/plots in ablations/results/<preset>/ (regenerate them with ``hess report <runs> --out ...``).
 
@@ -79,6 +80,21 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
     return result
 
 
+def preflight_reproduce(rqs: Sequence[str], preset: str = "demo", *, overrides: Sequence[str] = (),
+                        configs: Optional[str | Path] = None) -> dict[str, list[str]]:
+    """``--dry-run``: per RQ, the problems of every run it would make (``hess.preflight``), then the largest
+    memory estimate as its last line ("ok" lines carry no problem).  Nothing is loaded or run."""
+    from hess.preflight import preflight_lines
+
+    apply_overrides(RunConfig(), list(overrides))
+    out: dict[str, list[str]] = {}
+    for rq in rqs:
+        exp = experiment(rq, preset, list(overrides), Path(configs) if configs is not None else None)
+        problems, info = preflight_lines([cfg for _, _, cfg in exp.configs()], rq1=rq == "rq1")
+        out[rq] = [f"PROBLEM {p}" for p in problems] + info
+    return out
+
+
 def _say(progress: bool, text: str) -> None:
     if progress:
         print(text, file=sys.stderr, flush=True)
@@ -97,6 +113,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is fastest for the "
                                                     "tiny demo model on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="preflight only: weights, data roots and layout, calibration split and a peak-memory "
+                             "estimate per RQ, one line per problem (exit 1 if any); runs nothing")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -105,6 +124,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     rqs = list(ORDER) if args.rq == "all" else [args.rq]
+    if getattr(args, "dry_run", False):
+        report = preflight_reproduce(rqs, args.preset, overrides=args.overrides)
+        for rq, lines in report.items():
+            print(f"[{rq}] " + ("ok" if not any(l.startswith("PROBLEM") for l in lines) else "problems:"))
+            print("\n".join(f"  {line}" for line in lines))
+        return 1 if any(l.startswith("PROBLEM") for lines in report.values() for l in lines) else 0
     result = reproduce(rqs, args.preset, out=args.out, report_dir=args.report_dir, overrides=args.overrides,
                        wandb=not args.no_wandb, progress=not args.quiet)
     total = sum(result["seconds"].values())

@@ -175,8 +175,14 @@ def calib_scenes(data: DataSection, calib: CalibSection) -> list:
                          "calib.root=<CO3Dv2 root>, or pass calib.artifact=<score artifact> computed on CO3Dv2")
     _check_root(dataset, root, "calib.dataset")
     categories = data.categories if dataset == data.dataset else ()
-    return SCENE_SOURCES.get(dataset)(calib.split, calib.num_scenes, calib.num_frames, data.height, data.width,
+    height, width = calib_size(data, calib)
+    return SCENE_SOURCES.get(dataset)(calib.split, calib.num_scenes, calib.num_frames, height, width,
                                       calib.seed, root, categories=categories)
+
+
+def calib_size(data: DataSection, calib: CalibSection) -> tuple[int, int]:
+    """(height, width) of the calibration frames: calib.height / calib.width, else data.height / data.width."""
+    return (calib.height or data.height, calib.width or data.width)
 
 
 #: CalibSection field -> CalibConfig field (every CalibConfig option but device / progress is in the config)
@@ -184,11 +190,17 @@ CALIB_OPTIONS = ("seed", "inlier_eps", "use_icp", "icp_max_distance", "icp_itera
                  "points_source", "max_frames", "max_points", "autocast", "checkpointing", "include_bias")
 
 
-def calib_config(calib: CalibSection, progress: bool = True) -> "CalibConfig":
-    """``hess.calibrate.CalibConfig`` of ``cfg.calib`` (every option of ``CALIB_OPTIONS``)."""
+def calib_config(calib: CalibSection, progress: bool = True, device: Optional[str] = None) -> "CalibConfig":
+    """``hess.calibrate.CalibConfig`` of ``cfg.calib`` (every option of ``CALIB_OPTIONS``).
+
+    ``device``: the model's device type; ``calib.autocast`` applies on CUDA only (None: as configured).
+    """
     from hess.calibrate import CalibConfig
 
-    return CalibConfig(**{name: getattr(calib, name) for name in CALIB_OPTIONS}, progress=progress)
+    options = {name: getattr(calib, name) for name in CALIB_OPTIONS}
+    if device is not None and device != "cuda":
+        options["autocast"] = None
+    return CalibConfig(**options, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -218,6 +230,10 @@ class Resources:
     def model(self, section: ModelSection) -> tuple[nn.Module, dict[str, Any]]:
         """``load_run_model(section)``, once per section."""
         return self._get(_key("model", section), lambda: load_run_model(section))
+
+    def device_type(self, section: ModelSection) -> str:
+        """"cuda" / "cpu" / ...: where the model of ``section`` lives."""
+        return next(self.model(section)[0].parameters()).device.type
 
     def fingerprint(self, section: ModelSection) -> str:
         """Hash of the model's weights (part of every calibration cache key)."""
@@ -250,7 +266,7 @@ class Resources:
 
     def calib_scenes(self, data: DataSection, calib: CalibSection) -> list:
         """Calibration scenes (``calib.split`` of ``calib.dataset``), once per (data, calib) setting."""
-        return self._get(_key("calib", calib_source(data, calib), data.height, data.width, data.categories, calib),
+        return self._get(_key("calib", calib_source(data, calib), calib_size(data, calib), data.categories, calib),
                          lambda: calib_scenes(data, calib))
 
     def head_scores(self, cfg: RunConfig) -> "HeadScores":
@@ -265,7 +281,7 @@ class Resources:
         if cfg.calib.artifact:
             return self._get(_key("artifact", cfg.calib.artifact), lambda: HeadScores.load(cfg.calib.artifact))
         scenes = self.calib_scenes(cfg.data, cfg.calib)
-        config = calib_config(cfg.calib, self.progress)
+        config = calib_config(cfg.calib, self.progress, self.device_type(cfg.model))
         key = {"calib": config.key(), "scenes": [s.scene_id for s in scenes], "model": self.fingerprint(cfg.model),
                "frames": [list(map(str, s.frame_ids)) for s in scenes], "hw": [list(s.image_hw) for s in scenes]}
 
@@ -296,7 +312,8 @@ class Resources:
         def make() -> Tensor:
             traces = self.head_scores(cfg) if needs_traces else None
             scenes = self.calib_scenes(cfg.data, cfg.calib) if needs_scenes else [None]
-            return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress), head_scores=traces,
+            return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress, self.device_type(cfg.model)),
+                               head_scores=traces,
                                lam=cfg.score.lam, proj=cfg.calib.proj, normalize=cfg.score.normalize,
                                seed=cfg.score.seed, keep_ratio=cfg.budget.keep_ratio,
                                min_blocks=cfg.budget.min_blocks, q_block=cfg.sparse.q_block,
