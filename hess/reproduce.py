@@ -28,7 +28,7 @@ from hess.rq.runners import ORDER, RUNNERS, SIZING, experiment
 def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ablations/outputs",
               report_dir: Optional[str | Path] = None, overrides: Sequence[str] = (), wandb: bool = True,
               progress: bool = True, configs: Optional[str | Path] = None,
-              now: Optional[_dt.datetime] = None) -> dict[str, Any]:
+              now: Optional[_dt.datetime] = None, pipeline: Any = None, raise_single: bool = True) -> dict[str, Any]:
     """Run ``rqs`` (names of ``RUNNERS``, in order) on ``preset``; write the reports.
 
     Args:
@@ -37,6 +37,8 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
         overrides: dotted ``KEY=VALUE`` overrides applied to every run (after the preset).
         wandb: False disables W&B (``log.wandb_mode=disabled``).
         configs: folder of the experiment files (default ``ablations/configs``).
+        pipeline: a ``Pipeline`` to reuse (loaded models, scenes, scores; e.g. across calls of a rehearsal).
+        raise_single: a single RQ's failure raises (default); False records it in "failed" as for several.
     Returns:
         {"session": runs folder, "report_dir": ..., "reports": paths, "skipped": {rq: reason},
         "failed": {rq: error} (only when several RQs run; a single RQ raises), "seconds": {rq: s}}.
@@ -52,7 +54,7 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
     report_dir = Path(report_dir) if report_dir is not None else Path("ablations") / "results" / preset
     extra_overrides = list(overrides) + [f"log.out_dir={out}"] + ([] if wandb else ["log.wandb_mode=disabled"])
     apply_overrides(RunConfig(), extra_overrides)  # validates every override before any work
-    pipe = Pipeline(Path(out) / "cache", progress=progress)
+    pipe = pipeline if pipeline is not None else Pipeline(Path(out) / "cache", progress=progress)
     result: dict[str, Any] = {"session": session, "report_dir": report_dir, "reports": [], "skipped": {}, "failed": {},
                               "seconds": {}}
     for rq in rqs:
@@ -64,7 +66,7 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
         try:
             outcome = RUNNERS.get(rq)(pipe, exp, root=session, extra=extra, progress=progress)
         except Exception as err:  # noqa: BLE001 - with several RQs, one failure must not lose the others
-            if len(rqs) == 1:
+            if len(rqs) == 1 and raise_single:
                 raise
             result["failed"][rq] = f"{type(err).__name__}: {err}"
             _say(progress, f"[{rq}] FAILED: {result['failed'][rq]} (continuing with the other experiments)")
