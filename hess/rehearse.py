@@ -28,7 +28,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    import argparse
 
 REHEARSAL_BANNER = ("> **REHEARSAL** — random weights on synthetic data written in the CO3Dv2 / DTU formats: these "
                     "numbers check the `paper` code path (`hess rehearse` / `ablations/rehearse_paper.py`); they are "
@@ -231,11 +234,8 @@ def rehearsal_markdown(summary: dict[str, Any], spec: RehearsalSpec) -> str:
             + "\n".join(f"- {rq}: `{' '.join(o)}`" for rq, o in summary["overrides"].items()) + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``ablations/rehearse_paper.py``: the command line of ``rehearse``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Rehearse hess reproduce all --preset paper on CPU with random weights")
+def configure_cli(p: "argparse.ArgumentParser") -> None:
+    """Arguments of ``hess rehearse`` / ``ablations/rehearse_paper.py``."""
     p.add_argument("--out", default="ablations/outputs/rehearsal", help="work folder (data roots, checkpoints, runs)")
     p.add_argument("--vggt", default="vggt-1b", help="VGGT architecture preset of the random checkpoint")
     p.add_argument("--pi3", default="pi3", help="π³ architecture preset of the random checkpoint")
@@ -243,12 +243,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="added after the rehearsal's SHRUNK overrides")
-    args = p.parse_args(argv)
+
+
+def run_cli(args: "argparse.Namespace") -> int:
+    """Rehearse; prints the table; exit 1 if an RQ failed."""
     from hess.runtime import set_threads
 
     set_threads(args.threads)
     spec = RehearsalSpec(vggt_config=args.vggt, pi3_config=args.pi3, rqs=tuple(args.rqs.split(",")),
-                         overrides=SHRUNK + tuple(args.overrides))
+                         overrides=SHRUNK + tuple(args.overrides or ()))
     summary = rehearse(args.out, spec, progress=not args.quiet)
     print(rehearsal_markdown(summary, spec))
     return 1 if any(r["failed"] for r in summary["rqs"].values()) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``ablations/rehearse_paper.py``: the command line of ``rehearse``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rehearse hess reproduce all --preset paper on CPU with random weights")
+    configure_cli(parser)
+    return run_cli(parser.parse_args(argv))
