@@ -259,6 +259,8 @@ def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
+    if agg is None and hasattr(model, "use_checkpoint"):                     # π³: the flag lives on the model
+        agg = model
     if agg is None or not hasattr(agg, "use_checkpoint"):
         warnings.warn(f"{type(model).__name__} has no aggregator.use_checkpoint; checkpointing ignored")
         yield

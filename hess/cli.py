@@ -104,6 +104,7 @@ command("reproduce", "run the RQ1-RQ5 experiments and write their tables and plo
 command("report", "tables and plots from stored results", "hess.report", _report)
 command("train", "train the embedded default model", "hess.train", _config_only)
 command("demo", "a small end-to-end run on the embedded default model", "hess.demo", _demo)
+command("rehearse", "rehearse the paper presets on CPU: random weights, CO3Dv2/DTU-format data", "hess.rehearse")
 
 
 class NotAvailable(RuntimeError):

@@ -34,7 +34,9 @@ _UNIT_OPEN = (lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{f"data.{n}": _AT_LEAST_1 for n in ("num_scenes", "num_frames", "height", "width")},
     "calib.num_scenes": _AT_LEAST_1, "calib.num_frames": (lambda v: v >= 2, ">= 2"),
-    "calib.inlier_eps": (lambda v: v > 0, "> 0"), "score.lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "calib.inlier_eps": (lambda v: v > 0, "> 0"),
+    **{f"calib.{n}": (lambda v: v is None or v >= 1, "None or >= 1") for n in ("max_frames", "max_points", "icp_max_points", "height", "width")},
+    "calib.icp_max_distance": (lambda v: v > 0, "> 0"), "calib.icp_iterations": _AT_LEAST_1, "score.lam": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "budget.keep_ratio": _UNIT_OPEN, "budget.min_blocks": _AT_LEAST_1,
     "sparse.q_block": _AT_LEAST_1, "sparse.k_block": _AT_LEAST_1,
     "sparse.cdf_threshold": (lambda v: v is None or _UNIT_OPEN[0](v), "None or in (0, 1]"),
@@ -71,6 +73,10 @@ class DataSection(_Section):
     height: int = 84
     width: int = 84
     seed: int = 0
+    #: real data: frames are resized to ``width`` (VGGT's crop preprocessing), their height follows each
+    #: sequence's aspect ratio (a multiple of 14) and is centre-cropped to at most ``height``.
+    scans: tuple[int, ...] = ()  # DTU scans to evaluate (empty = the 22 test scans); data.num_scenes caps them
+    categories: tuple[str, ...] = ()  # CO3D categories (empty = the 41 seen categories present under the root)
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ class ModelSection(_Section):
     """Which model, from which weights, on which device and dtype."""
     _name: ClassVar[str] = "model"
     name: str = "hess-tiny"  # a MODELS name; "hess-tiny" is the embedded default
-    checkpoint: Optional[str] = None  # local safetensors path or HF repo id
+    checkpoint: Optional[str] = None  # weights: a file, a folder (model.safetensors + config.json) or an HF repo id
+    config: Optional[str] = None  # architecture: a config.json path or a preset (vggt-1b, ...); None = beside the weights
     dtype: str = "float32"
     device: str = "auto"
 
@@ -94,6 +101,24 @@ class CalibSection(_Section):
     use_icp: bool = True
     seed: int = 1
     artifact: Optional[str] = None  # a precomputed score artifact; None = calibrate (cached)
+    #: where calibration scenes come from, independent of data.* (the paper: CO3Dv2 dev, also for DTU runs);
+    #: None = data.dataset (and then data.root)
+    dataset: Optional[str] = None
+    root: Optional[str] = None  # None: data.root when calib.dataset is data.dataset, else $HESS_CO3D_ROOT / $HESS_DTU_ROOT
+    split: str = "calib"  # co3d: the set list's train subset, checked disjoint from test; synthetic: the calib split
+    height: Optional[int] = None  # calibration frame size (real data: height limit); None = data.height / data.width
+    width: Optional[int] = None
+    # hess.calibrate.CalibConfig options (memory: VGGT-1B at 20 frames needs checkpointing + bf16 autocast on CUDA;
+    # autocast applies on CUDA only, CPU runs stay in the model's dtype)
+    checkpointing: bool = False
+    autocast: Optional[Literal["bfloat16", "float16"]] = None
+    max_frames: Optional[int] = None
+    max_points: Optional[int] = None
+    icp_max_distance: float = 0.1
+    icp_iterations: int = 30
+    icp_max_points: Optional[int] = 4096
+    points_source: Literal["point_head", "depth"] = "point_head"
+    include_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +156,11 @@ class SparseSection(_Section):
 class EvalSection(_Section):
     """What an evaluation measures."""
     _name: ClassVar[str] = "eval"
-    metrics: tuple[str, ...] = ("auc30", "chamfer", "acc", "comp")
+    #: what is computed (hess.rq.measure.METRIC_GROUPS): pose (auc30, auc15, rra/rta), points (acc, comp,
+    #: chamfer + medians, evaluation.md §2.5), nc (normal consistency, adds normals), depth (abs_rel), point_err
+    metrics: tuple[str, ...] = ("pose", "points", "depth", "point_err")
+    #: points: rigid ICP radius after Umeyama; None = 0.1 × GT scale (normalised units: 0.1 of the mean point distance)
+    icp_threshold: Optional[float] = None
     latency_warmup: int = 1
     latency_repeats: int = 3
 

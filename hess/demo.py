@@ -2,6 +2,7 @@
 
 Question: does the installed package run, and what does the default model predict?
 Command:  hess demo                                   # embedded default model, one synthetic scene of 4 views
+          hess demo --model runs/my-model/            # your own checkpoint (model.safetensors + config.json)
           hess demo --frames 6 --seed 3 --out runs/demo --images my_photos/   # your own images instead
 Output:   a table of predicted vs ground-truth cameras (centre in frame 0's camera frame, viewing angle to
           frame 0, horizontal FoV), the pose errors of every frame pair, AUC@30 and the forward time;
@@ -55,14 +56,29 @@ def _own_images(folder: str, size: int) -> Tensor:
     return torch.nn.functional.interpolate(images, size=(height, size), mode="bilinear", antialias=True)
 
 
+def model_section(model: str, config: Optional[str] = None) -> ModelSection:
+    """``--model``: a model name (embedded, preset) or a checkpoint path (file or folder with config.json);
+    ``--model-config``: its architecture (config.json or preset) when none lies beside the weights."""
+    if Path(model).expanduser().exists():
+        family = "pi3" if "pi3" in Path(model).name.lower() else "vggt"
+        return ModelSection(name=family, checkpoint=str(Path(model).expanduser()), config=config, device="cpu")
+    if config is not None:
+        raise ValueError(f"--model-config needs --model to be a checkpoint path; {model!r} is not a file or folder")
+    return ModelSection(name=model, device="cpu")
+
+
 def run_demo(model_name: str = "hess-tiny", *, frames: int = 4, size: int = 84, seed: int = 0,
-             images: Optional[str] = None, out: Optional[str] = None) -> dict[str, Any]:
-    """Forward one image set; returns {"predicted", "ground_truth", "pose", "forward_ms", "weights"}."""
+             images: Optional[str] = None, out: Optional[str] = None,
+             model_config: Optional[str] = None) -> dict[str, Any]:
+    """Forward one image set; returns {"predicted", "ground_truth", "pose", "forward_ms", "weights"}.
+
+    ``model_name``: a model name or a checkpoint path (``model_section``).
+    """
     from hess.data import normalize_scene
     from hess.metrics import pose_metrics, relative_pose_errors
     from hess.rq.resources import load_run_model
 
-    model, info = load_run_model(ModelSection(name=model_name, device="cpu"))
+    model, info = load_run_model(model_section(model_name, model_config))
     scene = None
     if images:
         batch = _own_images(images, size)[None]
@@ -128,7 +144,11 @@ def format_result(result: dict[str, Any]) -> str:
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     """Arguments of the command (``hess.cli`` calls this)."""
-    parser.add_argument("--model", default="hess-tiny", help="model name or preset (default: the embedded hess-tiny)")
+    parser.add_argument("--model", default="hess-tiny", help="model name or preset (default: the embedded hess-tiny), "
+                                                             "or a checkpoint: a .safetensors file or a folder with "
+                                                             "model.safetensors + config.json")
+    parser.add_argument("--model-config", help="architecture of a --model checkpoint path (config.json or preset) "
+                                               "when no config.json lies beside it")
     parser.add_argument("--frames", type=int, default=4, help="views of the generated scene")
     parser.add_argument("--size", type=int, default=84, help="image side in pixels (multiple of 14)")
     parser.add_argument("--seed", type=int, default=0, help="which held-out synthetic scene")
@@ -141,6 +161,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run the command; returns the exit code."""
     if args.frames < 2:
         raise ValueError(f"--frames must be >= 2, got {args.frames}")
-    result = run_demo(args.model, frames=args.frames, size=args.size, seed=args.seed, images=args.images, out=args.out)
+    result = run_demo(args.model, frames=args.frames, size=args.size, seed=args.seed, images=args.images, out=args.out,
+                      model_config=getattr(args, "model_config", None))
     print(format_result(result))
     return 0

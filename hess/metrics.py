@@ -348,7 +348,7 @@ def _dist_stats(d: Tensor) -> tuple[float, float]:
 
 def point_cloud_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None, *, align: bool = True,
                         use_icp: bool = True, icp_threshold: float | None = None,
-                        normal_k: int = 30) -> dict[str, float]:
+                        normal_k: int = 30, normals: bool = True) -> dict[str, float]:
     """Acc, Comp (mean and median NN distances), Chamfer and normal consistency of one scene.
 
     Args:
@@ -361,6 +361,7 @@ def point_cloud_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None, *
     Returns:
         acc, acc_med, comp, comp_med, chamfer = (acc+comp)/2, nc1, nc1_med, nc2, nc2_med, nc, nc_med,
         n_points, dropped_nonfinite, empty (1.0 when nothing is left: every metric is then NaN).
+        ``normals=False`` skips the normal estimation (the nc keys are then NaN).
         Units follow the GT; no outlier cutoff.
     """
     if pred.shape != gt.shape or pred.shape[-1] != 3:
@@ -389,6 +390,11 @@ def point_cloud_metrics(pred: Tensor, gt: Tensor, valid: Tensor | None = None, *
         p = apply_sim3(p, 1.0, res.R, res.t)
     d_pg, i_pg = nearest_neighbors(p, g)                                      # accuracy: pred -> GT
     d_gp, i_gp = nearest_neighbors(g, p)                                      # completeness: GT -> pred
+    out["acc"], out["acc_med"] = _dist_stats(d_pg)
+    out["comp"], out["comp_med"] = _dist_stats(d_gp)
+    out["chamfer"] = (out["acc"] + out["comp"]) / 2
+    if not normals:
+        return {**out, **{k: math.nan for k in keys if k.startswith("nc")}, "empty": 0.0}
     n_p, n_g = estimate_normals(p, normal_k), estimate_normals(g, normal_k)
     nc1 = (n_p * n_g[i_pg]).sum(-1).abs()
     nc2 = (n_g * n_p[i_gp]).sum(-1).abs()

@@ -4,6 +4,7 @@ Question: every research question of the study (method.md §6) on one preset.
 Command:  hess reproduce all --preset demo            # embedded model, synthetic scenes, CPU-sized
           hess reproduce rq2 --preset paper           # VGGT-1B weights + CO3Dv2/DTU (users with data)
           hess reproduce rq3 data.num_scenes=8 --preset demo --no-wandb   # overrides right after the RQ
+          hess reproduce all --preset paper --dry-run   # preflight: weights, data, calibration split, memory
 Output:   runs under <out>/reproduce/<preset>-<timestamp>/<experiment>/<run>/ (ablations/outputs by default),
           tables/plots in ablations/results/<preset>/ (regenerate them with ``hess report <runs> --out ...``).
 
@@ -27,7 +28,7 @@ from hess.rq.runners import ORDER, RUNNERS, SIZING, experiment
 def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ablations/outputs",
               report_dir: Optional[str | Path] = None, overrides: Sequence[str] = (), wandb: bool = True,
               progress: bool = True, configs: Optional[str | Path] = None,
-              now: Optional[_dt.datetime] = None) -> dict[str, Any]:
+              now: Optional[_dt.datetime] = None, pipeline: Any = None, raise_single: bool = True) -> dict[str, Any]:
     """Run ``rqs`` (names of ``RUNNERS``, in order) on ``preset``; write the reports.
 
     Args:
@@ -36,6 +37,8 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
         overrides: dotted ``KEY=VALUE`` overrides applied to every run (after the preset).
         wandb: False disables W&B (``log.wandb_mode=disabled``).
         configs: folder of the experiment files (default ``ablations/configs``).
+        pipeline: a ``Pipeline`` to reuse (loaded models, scenes, scores; e.g. across calls of a rehearsal).
+        raise_single: a single RQ's failure raises (default); False records it in "failed" as for several.
     Returns:
         {"session": runs folder, "report_dir": ..., "reports": paths, "skipped": {rq: reason},
         "failed": {rq: error} (only when several RQs run; a single RQ raises), "seconds": {rq: s}}.
@@ -51,7 +54,7 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
     report_dir = Path(report_dir) if report_dir is not None else Path("ablations") / "results" / preset
     extra_overrides = list(overrides) + [f"log.out_dir={out}"] + ([] if wandb else ["log.wandb_mode=disabled"])
     apply_overrides(RunConfig(), extra_overrides)  # validates every override before any work
-    pipe = Pipeline(Path(out) / "cache", progress=progress)
+    pipe = pipeline if pipeline is not None else Pipeline(Path(out) / "cache", progress=progress)
     result: dict[str, Any] = {"session": session, "report_dir": report_dir, "reports": [], "skipped": {}, "failed": {},
                               "seconds": {}}
     for rq in rqs:
@@ -63,7 +66,7 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
         try:
             outcome = RUNNERS.get(rq)(pipe, exp, root=session, extra=extra, progress=progress)
         except Exception as err:  # noqa: BLE001 - with several RQs, one failure must not lose the others
-            if len(rqs) == 1:
+            if len(rqs) == 1 and raise_single:
                 raise
             result["failed"][rq] = f"{type(err).__name__}: {err}"
             _say(progress, f"[{rq}] FAILED: {result['failed'][rq]} (continuing with the other experiments)")
@@ -77,6 +80,21 @@ def reproduce(rqs: Sequence[str], preset: str = "demo", *, out: str | Path = "ab
         result["seconds"][rq] = time.perf_counter() - start
         _say(progress, f"[{rq}] done in {result['seconds'][rq]:.0f} s -> {report_dir / exp.name}.md")
     return result
+
+
+def preflight_reproduce(rqs: Sequence[str], preset: str = "demo", *, overrides: Sequence[str] = (),
+                        configs: Optional[str | Path] = None) -> dict[str, list[str]]:
+    """``--dry-run``: per RQ, the problems of every run it would make (``hess.preflight``), then the largest
+    memory estimate as its last line ("ok" lines carry no problem).  Nothing is loaded or run."""
+    from hess.preflight import preflight_lines
+
+    apply_overrides(RunConfig(), list(overrides))
+    out: dict[str, list[str]] = {}
+    for rq in rqs:
+        exp = experiment(rq, preset, list(overrides), Path(configs) if configs is not None else None)
+        problems, info = preflight_lines([cfg for _, _, cfg in exp.configs()], rq1=rq == "rq1")
+        out[rq] = [f"PROBLEM {p}" for p in problems] + info
+    return out
 
 
 def _say(progress: bool, text: str) -> None:
@@ -97,6 +115,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 is fastest for the "
                                                     "tiny demo model on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="preflight only: weights, data roots and layout, calibration split and a peak-memory "
+                             "estimate per RQ, one line per problem (exit 1 if any); runs nothing")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -105,6 +126,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     rqs = list(ORDER) if args.rq == "all" else [args.rq]
+    if getattr(args, "dry_run", False):
+        report = preflight_reproduce(rqs, args.preset, overrides=args.overrides)
+        for rq, lines in report.items():
+            print(f"[{rq}] " + ("ok" if not any(l.startswith("PROBLEM") for l in lines) else "problems:"))
+            print("\n".join(f"  {line}" for line in lines))
+        return 1 if any(l.startswith("PROBLEM") for lines in report.values() for l in lines) else 0
     result = reproduce(rqs, args.preset, out=args.out, report_dir=args.report_dir, overrides=args.overrides,
                        wandb=not args.no_wandb, progress=not args.quiet)
     total = sum(result["seconds"].values())

@@ -215,7 +215,7 @@ def _read_mask(path: Path) -> np.ndarray:
 
 
 def load_sequence(root: Path, category: str, sequence: str, frames: Sequence[Mapping], ids: Sequence[int],
-                  image_width: int = 518, load_depth: bool = True) -> Scene:
+                  image_width: int = 518, load_depth: bool = True, max_height: int | None = None) -> Scene:
     """One Scene from the frames ``ids`` (set-list indices, in that order) of a sequence."""
     root = Path(root)
     images, depths, valids, Ks, Es = [], [], [], [], []
@@ -232,7 +232,7 @@ def load_sequence(root: Path, category: str, sequence: str, frames: Sequence[Map
                 raise ValueError(f"frame {fr['frame_number']} of {category}/{sequence} has no depth path")
             depth = read_co3d_depth(root / fr["depth_path"], fr["depth_scale"])
             valid = _read_mask(root / fr["depth_mask_path"]) if fr["depth_mask_path"] else np.ones_like(depth, bool)
-        image, depth, valid, K = crop_resize(img, depth, valid, K, image_width)
+        image, depth, valid, K = crop_resize(img, depth, valid, K, image_width, max_height)
         images.append(image)
         depths.append(np.zeros(image.shape[:2], np.float32) if depth is None else depth)
         valids.append(np.zeros(image.shape[:2], bool) if valid is None else valid)
@@ -259,7 +259,8 @@ def build_co3d(root: str | Path | None = None, categories: Sequence[str] | None 
                set_list: str = "fewview_dev", num_frames: int = 10, min_num_images: int = 50, seed: int = 0,
                fast_eval: bool = False, min_quality: float = 0.5,
                frame_id_map: str | Path | Mapping[str, Sequence[int]] | None = None,
-               image_width: int = 518, load_depth: bool = True, max_scenes: int | None = None) -> list[Scene]:
+               image_width: int = 518, load_depth: bool = True, max_scenes: int | None = None,
+               max_height: int | None = None, spread: bool = False) -> list[Scene]:
     """CO3Dv2 scenes, one per sampled sequence, frames in the map's order (frame 0 = ids[0]).
 
     split "test" reads the set list's test subset; "train" and "calib" its train subset ("calib"
@@ -267,6 +268,11 @@ def build_co3d(root: str | Path | None = None, categories: Sequence[str] | None 
     ``build_frame_id_map`` (VGGT's RNG path); with one (a dict or a JSON path), exactly its entries of
     the requested categories are loaded. ``categories`` defaults to the 41 seen categories present under
     root (absent ones are skipped, as VGGT does); named categories must exist.
+
+    ``max_scenes`` loads only that many sequences (annotations are read for every category, images only
+    for the sequences used); ``spread=True`` takes them round-robin over the categories (the first sequence
+    of every category, then the second, ...) so that a subset still covers the protocol's categories.
+    ``image_width`` / ``max_height``: ``crop_resize`` (VGGT: width 518, centre crop to at most 518).
     """
     if split not in _SUBSET:
         raise KeyError(f"unknown CO3D split {split!r}; known: {', '.join(_SUBSET)}")
@@ -288,16 +294,30 @@ def build_co3d(root: str | Path | None = None, categories: Sequence[str] | None 
     else:
         ids = dict(frame_id_map) if isinstance(frame_id_map, Mapping) else load_frame_id_map(Path(frame_id_map))
         ids = {k: v for k, v in ids.items() if k.split("/", 1)[0] in annotations}
+    keys = spread_over_categories(list(ids), max_scenes) if spread else list(ids)[:max_scenes]
     scenes = []
-    for key, frame_ids in ids.items():
+    for key in keys:
+        frame_ids = ids[key]
         cat, seq = key.split("/", 1)
         frames = annotations[cat].get(seq)
         if frames is None or max(frame_ids, default=0) >= len(frames):
             raise ValueError(f"frame-id map entry {key!r} does not match the annotations of {root / cat}")
-        scenes.append(load_sequence(root, cat, seq, frames, frame_ids, image_width, load_depth))
-        if max_scenes is not None and len(scenes) >= max_scenes:
-            break
+        scenes.append(load_sequence(root, cat, seq, frames, frame_ids, image_width, load_depth, max_height))
     return scenes
+
+
+def spread_over_categories(keys: Sequence[str], n: int | None) -> list[str]:
+    """The first ``n`` of ``keys`` ("category/sequence", protocol order) taken round-robin over categories:
+    every category's first sequence (categories in order of first appearance), then every second, ...
+    n None: all keys, in that round-robin order."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split("/", 1)[0], []).append(key)
+    out: list[str] = []
+    depth = max((len(g) for g in groups.values()), default=0)
+    for i in range(depth):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out if n is None else out[:n]
 
 
 # ------------------------------------------------------------------------------------ format adapter

@@ -91,7 +91,8 @@ def count_views(scan_dir: Path) -> int:
 
 
 def load_dtu_view(scan_dir: Path, view: int, image_width: int = 518, erode_size: int = 10,
-                  parity: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  parity: bool = True, max_height: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """GT of one view (§2.4): image, depth (mask-eroded), valid, K, E at width ``image_width``.
 
     The image is resized to the depth size, the mask binarised (> 0.5), resized (nearest) and eroded
@@ -124,15 +125,26 @@ def load_dtu_view(scan_dir: Path, view: int, image_width: int = 518, erode_size:
     depth = resize_nearest(depth, (new_h, new_w))
     sx, sy = new_w / W, new_h / H
     K = scale_intrinsics(K, max(sx, sy), max(sx, sy)) if parity else scale_intrinsics(K, sx, sy)
+    if max_height is not None and new_h > max_height:                       # centre crop, as VGGT's loader
+        top = (new_h - int(max_height)) // 2
+        image, depth = image[top:top + int(max_height)], depth[top:top + int(max_height)]
+        K = K.copy()
+        K[1, 2] -= top
     return image, depth, depth > 1e-4, K, E
 
 
 @DATASETS.register("dtu")
 def build_dtu(root: str | Path | None = None, scans: Sequence[int] = DTU_TEST_SCANS, view_stride: int = 5,
               views: Sequence[int] | None = None, image_width: int = 518, erode_size: int = 10,
-              parity: bool = True) -> list[Scene]:
+              parity: bool = True, num_frames: int | None = None, seed: int = 0,
+              max_height: int | None = None) -> list[Scene]:
     """DTU scans as Scenes; views 0, stride, 2·stride, … < number of images (0..45 for 49 views), or the
-    explicit ``views``. category = "scan{N}"."""
+    explicit ``views``. category = "scan{N}".
+
+    ``num_frames``: keep that many of those views, a seeded (``seed``) subset in increasing view order
+    (None = all, the protocol's 10); more than the scan offers raises.  ``max_height``: centre-crop taller
+    frames (518-wide DTU frames are 392 high).  Only the scans in ``scans`` are read.
+    """
     root = resolve_root(root, "HESS_DTU_ROOT", "DTU")
     scenes = []
     for scan in scans:
@@ -140,7 +152,12 @@ def build_dtu(root: str | Path | None = None, scans: Sequence[int] = DTU_TEST_SC
         if not scan_dir.is_dir():
             raise FileNotFoundError(f"DTU scan folder not found: {scan_dir}")
         ids = list(views) if views is not None else list(range(0, count_views(scan_dir), view_stride))
-        per_view = [load_dtu_view(scan_dir, v, image_width, erode_size, parity) for v in ids]
+        if num_frames is not None:
+            if num_frames > len(ids):
+                raise ValueError(f"{scan_dir} offers {len(ids)} views (stride {view_stride}) but num_frames={num_frames}")
+            pick = np.random.RandomState(seed).choice(len(ids), num_frames, replace=False)
+            ids = [ids[i] for i in sorted(pick.tolist())]
+        per_view = [load_dtu_view(scan_dir, v, image_width, erode_size, parity, max_height) for v in ids]
         images, depths, valids, Ks, Es = (list(x) for x in zip(*per_view))
         scenes.append(Scene(**stack_views(images, depths, valids, Ks, Es), scene_id=f"dtu/scan{scan}",
                             frame_ids=ids, category=f"scan{scan}", dataset="dtu", meta={"units": "mm"}))

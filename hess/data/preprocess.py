@@ -60,13 +60,16 @@ def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
 
 
 def crop_resize(img: Image.Image, depth: np.ndarray | None, valid: np.ndarray | None, K: np.ndarray,
-                width: int = 518) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
+                width: int = 518, max_height: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
     """VGGT ``load_and_preprocess_images(mode="crop")`` plus the matching depth, mask and intrinsics.
 
-    BICUBIC to width ``width`` and height round(H·width/W/14)·14; if that height exceeds ``width``,
-    centre-crop it to ``width``. Depth and mask are resized with the nearest rule.
+    BICUBIC to width ``width`` and height round(H·width/W/14)·14; if that height exceeds ``max_height``
+    (default ``width``, VGGT's rule), centre-crop it to ``max_height``. Depth and mask are resized with
+    the nearest rule.
     Returns image [h, w, 3] float32, depth [h, w] or None, valid [h, w] or None, K [3, 3].
     """
+    limit = width if max_height is None else int(max_height)
     W, H = img.size
     new_h, new_w = vggt_size(H, W, width)
     image = resize_rgb(img, (new_h, new_w))
@@ -75,11 +78,11 @@ def crop_resize(img: Image.Image, depth: np.ndarray | None, valid: np.ndarray | 
         depth = resize_nearest(depth, (new_h, new_w))
     if valid is not None:
         valid = resize_nearest(valid, (new_h, new_w))
-    if new_h > width:
-        top = (new_h - width) // 2
-        image = image[top:top + width]
-        depth = None if depth is None else depth[top:top + width]
-        valid = None if valid is None else valid[top:top + width]
+    if new_h > limit:
+        top = (new_h - limit) // 2
+        image = image[top:top + limit]
+        depth = None if depth is None else depth[top:top + limit]
+        valid = None if valid is None else valid[top:top + limit]
         K[1, 2] -= top
     return image, depth, valid, K
 

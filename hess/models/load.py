@@ -4,7 +4,8 @@
 
 * a local ``.safetensors`` / ``.pt`` / ``.pth`` file (a plain state_dict, or ``{"model": sd}`` /
   ``{"state_dict": sd}`` as official training checkpoints store it);
-* a local directory holding ``model.safetensors`` or ``model.pt`` and optionally ``config.json``;
+* a local directory holding ``model.safetensors`` or ``model.pt`` and optionally ``config.json`` (also
+  found beside a ``model.safetensors`` / ``model.pt`` file given directly);
 * a Hugging Face repo id such as ``"facebook/VGGT-1B"`` (through ``huggingface_hub``, which reuses its
   cache; offline and not cached → ``CheckpointUnavailableError`` saying how to obtain the file);
 * the name of an embedded checkpoint (``EMBEDDED_CHECKPOINTS``, files under ``hess/assets/``).
@@ -29,6 +30,7 @@ from hess.registry import Registry
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 WEIGHT_FILES = ("model.safetensors", "model.pt")
+CONFIG_FILE = "config.json"  # the architecture beside the weights: read here, written by ``hess train``'s export
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -103,7 +105,8 @@ def _mismatch_report(source: str, missing: list[str], unexpected: list[str], mis
     for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", mismatched)):
         if names:
             parts.append(f"  {len(names)} {label}: {_name_list(names)}")
-    parts.append("  (pass config= to build a matching architecture, or strict=False to load what matches)")
+    parts.append("  (pass config= to build a matching architecture, or strict=False to load what matches; "
+                 "from a config or the CLI: model.config=<config.json or preset>)")
     return "\n".join(parts)
 
 
@@ -170,11 +173,12 @@ def resolve_source(source: Union[str, os.PathLike]) -> tuple[Path, Union[str, di
     if path.is_dir():
         for filename in WEIGHT_FILES:
             if (path / filename).is_file():
-                config = path / "config.json"
+                config = path / CONFIG_FILE
                 return path / filename, str(config) if config.is_file() else None
         raise FileNotFoundError(f"directory {path} holds none of {', '.join(WEIGHT_FILES)}")
-    if path.is_file():
-        return path, None
+    if path.is_file():  # a weights file exported with its config (model.safetensors + config.json) keeps it
+        config = path.parent / CONFIG_FILE
+        return path, str(config) if path.name in WEIGHT_FILES and config.is_file() else None
     name = str(source)
     if name in EMBEDDED_CHECKPOINTS:
         entry = EMBEDDED_CHECKPOINTS.get(name)

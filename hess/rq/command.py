@@ -63,8 +63,12 @@ def run_cli(args: argparse.Namespace) -> int:
     """Evaluate the resolved config in a tracked run; print the run directory and metrics as JSON."""
     cfg = resolve(args)
     if args.dry_run:
-        print(dump_yaml(cfg) + "\n# plan\n" + plan_text(cfg))
-        return 0
+        from hess.preflight import memory_line, preflight
+
+        problems = preflight(cfg)
+        print(dump_yaml(cfg) + "\n# plan\n" + plan_text(cfg) + "\n# preflight\n" + memory_line(cfg)[0])
+        print("\n".join(f"PROBLEM {p}" for p in problems) if problems else "ready: no problem found")
+        return 1 if problems else 0
     pipe = Pipeline(Path(cfg.log.out_dir) / "cache")
     run_dir, result = run_tracked(pipe, cfg)
     print(json.dumps({"run_dir": str(run_dir), "metrics": result.metrics}, indent=2, default=float))

@@ -40,7 +40,8 @@ def oracle_scores(pipe: Any, cfg: RunConfig, keep_ratio: float, progress: bool =
 
     model, _ = pipe.resources.model(cfg.model)
     scenes = pipe.resources.calib_scenes(cfg.data, cfg.calib)
-    error = calibration_error_fn(calib_config(cfg.calib, progress=False), lam=cfg.score.lam)
+    error = calibration_error_fn(calib_config(cfg.calib, progress=False, device=pipe.resources.device_type(cfg.model)),
+                                 lam=cfg.score.lam)
     return oracle_sensitivity(model, scenes, error, keep_ratio, min_blocks=cfg.budget.min_blocks,
                               q_block=cfg.sparse.q_block, k_block=cfg.sparse.k_block, backend=cfg.sparse.backend,
                               progress=progress)

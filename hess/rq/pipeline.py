@@ -12,8 +12,10 @@ chamfer_f0, abs_rel), ``perf/realized_density`` (kept fraction of the patch–pa
 ``perf/realized_density_sinks`` (SparseVGGT's convention), ``perf/latency_ms`` (median end-to-end),
 ``perf/global_attn_ms`` (global-attention cores of the same forwards), ``budget/blocks_per_layer``
 (realised key blocks per layer and query row, summed over heads) and ``budget/wasted_fraction``.
-Per-scene rows carry every metric of the scene; rows with ``scene_id="all"`` hold the aggregates
-(pose metrics pooled over all frame pairs, the rest averaged over scenes).
+Per-scene rows carry every metric of the scene (with its realised density, its n_k ``budget/num_key_blocks``
+and its category in ``scene.category``); rows with ``scene_id="all"`` hold the aggregates (pose: VGGT's
+per-category mean of AUCs pooled per category; the rest averaged over scenes; ``PROTOCOLS``).
+Budgets are allocated per sequence: each scene's n_k (frame count × aspect ratio) gets its own allocation.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from hess.config import RunConfig, flatten
 from hess.results import DENSITY_KEY, LATENCY_KEY, Record
-from hess.rq.measure import Layout, nanmean, pooled_pose, realized, scene_metrics, time_forward
+from hess.rq.measure import PROTOCOLS, Layout, category_pose, nanmean, realized, scene_metrics, time_forward
 from hess.rq.resources import Resources
 
 GLOBAL_ATTN_KEY = "perf/global_attn_ms"
@@ -61,8 +63,10 @@ class EvalResult:
         """Tidy Records of ``rows`` carrying the flattened config (+ ``extra`` dotted keys)."""
         flat = {**flatten(cfg), **dict(extra or {})}
         keep = None if cfg.sparse.method == "dense" else cfg.budget.keep_ratio
-        return [Record(run_id, scene, metric, value, keep_ratio=keep, realized_density=density,
-                       latency_ms=latency, config=flat) for scene, metric, value, density, latency in self.rows]
+        cats = self.info.get("categories", {})
+        return [Record(run_id, scene, metric, value, keep_ratio=keep, realized_density=density, latency_ms=latency,
+                       config={**flat, "scene.category": cats.get(scene, ALL_SCENES)})
+                for scene, metric, value, density, latency in self.rows]
 
 
 def canonical(cfg: RunConfig) -> RunConfig:
@@ -88,29 +92,38 @@ class Pipeline:
                  resources: Optional[Resources] = None) -> None:
         self.resources = resources or Resources(cache_dir, progress=progress)
 
-    def plan(self, cfg: RunConfig) -> tuple[Optional[Tensor], Optional[int], Layout]:
-        """[L, H] block budgets for ``cfg`` (None for dense), n_k and the sequence layout."""
+    def plan(self, cfg: RunConfig, scene: Any = None) -> tuple[Optional[Tensor], Optional[int], Layout]:
+        """[L, H] block budgets for ``cfg`` on ``scene`` (None for dense), n_k and the sequence layout.
+
+        The allocation is recomputed for each sequence's n_k (cached per n_k), so every sequence, whatever its
+        frame count and aspect ratio, realises the target keep ratio.  scene None: the first evaluation scene.
+        """
         from hess.budget import allocate
 
-        layout = self.resources.layout(cfg.model, cfg.data)
+        scene = scene if scene is not None else self.resources.eval_scenes(cfg.data)[0]
+        layout = self.resources.scene_layout(cfg.model, scene)
         if cfg.sparse.method == "dense":
             return None, None, layout
         n_k = layout.num_key_blocks(cfg.sparse.k_block)
         if cfg.budget.min_blocks > n_k:
-            raise ValueError(f"budget.min_blocks={cfg.budget.min_blocks} exceeds the {n_k} key blocks of a sequence "
-                             f"({layout.num_patches} patches / sparse.k_block={cfg.sparse.k_block})")
+            raise ValueError(f"budget.min_blocks={cfg.budget.min_blocks} exceeds the {n_k} key blocks of sequence "
+                             f"{scene.scene_id} ({layout.num_patches} patches / sparse.k_block={cfg.sparse.k_block})")
         scores = self.resources.scores(cfg)
-        blocks = allocate(scores, cfg.budget.keep_ratio, n_k, min_blocks=cfg.budget.min_blocks,
-                          capping=cfg.budget.capping, scope=cfg.budget.scope)
+        key = repr(("allocation", cfg.model, cfg.score, cfg.calib, cfg.budget, cfg.sparse.k_block, n_k))
+        blocks = self.resources._get(key, lambda: allocate(scores, cfg.budget.keep_ratio, n_k,
+                                                           min_blocks=cfg.budget.min_blocks,
+                                                           capping=cfg.budget.capping, scope=cfg.budget.scope))
         return blocks, n_k, layout
 
     @contextlib.contextmanager
-    def attention(self, cfg: RunConfig) -> Iterator[tuple[torch.nn.Module, Optional[Tensor], Optional[int], Layout]]:
-        """The model with ``cfg``'s attention (sparsified per its plan), dense again on exit, even on error."""
+    def attention(self, cfg: RunConfig, scene: Any = None
+                  ) -> Iterator[tuple[torch.nn.Module, Optional[Tensor], Optional[int], Layout]]:
+        """The model with ``cfg``'s attention sparsified per its plan for ``scene`` (default: the first
+        evaluation scene), dense again on exit, even on error."""
         from hess.patch import SparsePlan, densify, sparsify
 
         model, _ = self.resources.model(cfg.model)
-        blocks, n_k, layout = self.plan(cfg)
+        blocks, n_k, layout = self.plan(cfg, scene)
         if blocks is not None:
             sparsify(model, SparsePlan(blocks_per_head=blocks, q_block=cfg.sparse.q_block, k_block=cfg.sparse.k_block,
                                        cdf_threshold=cfg.sparse.cdf_threshold, backend=cfg.sparse.backend))
@@ -133,8 +146,8 @@ class Pipeline:
         samples: list[dict[str, dict[str, list]]] = [{} for _ in cfgs]
         for r in tqdm(range(warmup + repeats), desc="latency rounds", disable=not progress):
             for i, cfg in enumerate(cfgs):
-                with self.attention(cfg) as (model, *_):
-                    for scene in self.resources.eval_scenes(cfg.data):
+                for scene in self.resources.eval_scenes(cfg.data):
+                    with self.attention(cfg, scene) as (model, *_):
                         t = time_forward(model, scene, warmup=0, repeats=1)
                         if r >= warmup:
                             slot = samples[i].setdefault(scene.scene_id, {"latency_ms": [], "global_attn_ms": []})
@@ -152,35 +165,51 @@ class Pipeline:
         cfg = canonical(cfg)
         _, info = self.resources.model(cfg.model)
         scenes = self.resources.eval_scenes(cfg.data)
+        if not scenes:
+            raise ValueError(f"no evaluation scenes for {cfg.data}")
         computed_before = self.resources.calibrations_computed
-        with self.attention(cfg) as (model, blocks, n_k, layout):
-            rows, metrics = self._measure(model, scenes, cfg, timings)
-        if blocks is not None:
-            metrics.update(self._budget_metrics(blocks, n_k, cfg))
+        prefix = cfg.data.dataset
+        rows, errors, per_scene, plans = [], [], [], {}
+        for scene in scenes:
+            with self.attention(cfg, scene) as (model, blocks, n_k, layout):
+                rows_s, values, pairs = self._measure_scene(model, scene, cfg, timings)
+            plans[scene.scene_id] = (blocks, n_k, layout)
+            if blocks is not None:
+                budget = self._budget_metrics(blocks, n_k, cfg)
+                budget["budget/num_key_blocks"] = float(n_k)
+                rows_s += [(scene.scene_id, k, v, values[DENSITY_KEY], values[LATENCY_KEY]) for k, v in budget.items()]
+                values.update(budget)
+            rows += rows_s
+            errors.append(pairs)
+            per_scene.append(values)
+        keys = dict.fromkeys(k for v in per_scene for k in v)
+        metrics = {key: nanmean([v.get(key, math.nan) for v in per_scene]) for key in keys}
+        pose, per_category = category_pose(errors, [s.category for s in scenes])
+        metrics.update({f"{prefix}/{k}": v for k, v in pose.items()})
         rows += [(ALL_SCENES, k, v, metrics[DENSITY_KEY], metrics[LATENCY_KEY]) for k, v in metrics.items()]
+        blocks, n_k, layout = plans[scenes[0].scene_id]
         info = {**info, "layout": dataclasses.asdict(layout), "num_key_blocks": n_k,
-                "calibrated": self.resources.calibrations_computed > computed_before}
+                "calibrated": self.resources.calibrations_computed > computed_before,
+                "layouts": {sid: dataclasses.asdict(p[2]) for sid, p in plans.items()},
+                "num_key_blocks_per_scene": {sid: p[1] for sid, p in plans.items()},
+                "categories": {s.scene_id: s.category for s in scenes},
+                "pose_per_category": per_category, "protocol": PROTOCOLS.get(prefix, "")}
         return EvalResult(metrics, rows, blocks, n_k, info)
 
-    def _measure(self, model: torch.nn.Module, scenes: list, cfg: RunConfig,
-                 timings: Optional[Mapping[str, Mapping[str, float]]]) -> tuple[list, dict[str, float]]:
+    def _measure_scene(self, model: torch.nn.Module, scene: Any, cfg: RunConfig,
+                       timings: Optional[Mapping[str, Mapping[str, float]]]) -> tuple[list, dict[str, float], tuple]:
+        """Rows, values and pose pair errors of one scene under the model's current attention."""
         prefix = cfg.data.dataset
-        rows, errors, per_scene = [], [], []
-        for scene in scenes:
-            if timings is None:
-                timing = time_forward(model, scene, warmup=cfg.eval.latency_warmup, repeats=cfg.eval.latency_repeats)
-            else:
-                timing = timings[scene.scene_id]
-            values, pairs = scene_metrics(model, scene)
-            density, sinks = realized(model) or (1.0, 1.0)
-            scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, DENSITY_KEY: density,
-                            SINKS_KEY: sinks, LATENCY_KEY: timing["latency_ms"], GLOBAL_ATTN_KEY: timing["global_attn_ms"]}
-            rows += [(scene.scene_id, k, v, density, timing["latency_ms"]) for k, v in scene_values.items()]
-            errors.append(pairs)
-            per_scene.append(scene_values)
-        metrics = {key: nanmean([s[key] for s in per_scene]) for key in per_scene[0]}
-        metrics.update({f"{prefix}/{k}": v for k, v in pooled_pose(errors).items()})
-        return rows, metrics
+        if timings is None:
+            timing = time_forward(model, scene, warmup=cfg.eval.latency_warmup, repeats=cfg.eval.latency_repeats)
+        else:
+            timing = timings[scene.scene_id]
+        values, pairs = scene_metrics(model, scene, cfg.eval.metrics, cfg.eval.icp_threshold)
+        density, sinks = realized(model) or (1.0, 1.0)
+        scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, DENSITY_KEY: density,
+                        SINKS_KEY: sinks, LATENCY_KEY: timing["latency_ms"], GLOBAL_ATTN_KEY: timing["global_attn_ms"]}
+        rows = [(scene.scene_id, k, v, density, timing["latency_ms"]) for k, v in scene_values.items()]
+        return rows, scene_values, pairs
 
     @staticmethod
     def _budget_metrics(blocks: Tensor, n_k: int, cfg: RunConfig) -> dict[str, float]:
@@ -223,7 +252,10 @@ def run_tracked(pipe: Pipeline, cfg: RunConfig, *, experiment: Optional[str] = N
     with track_run(cfg, experiment=experiment, root=root, group=group, extra_config=dict(extra or {})) as run:
         result = pipe.evaluate(cfg, timings)
         run.dir.update_meta(model_weights=result.info.get("weights"), model_source=result.info.get("source"),
-                            calibrated=result.info.get("calibrated"), layout=result.info.get("layout"))
+                            calibrated=result.info.get("calibrated"), layout=result.info.get("layout"),
+                            layouts=result.info.get("layouts"), protocol=result.info.get("protocol"),
+                            num_key_blocks_per_scene=result.info.get("num_key_blocks_per_scene"),
+                            pose_per_category=result.info.get("pose_per_category"))
         run.log_metrics({k: v for k, v in result.metrics.items() if not math.isnan(v)})
         run.log_records(result.records(run.run_id, cfg, extra))
         if result.blocks is not None:

@@ -71,7 +71,7 @@ def load_run_model(section: ModelSection, *, seed: int = 0) -> tuple[nn.Module, 
     family = model_family(section.name)
     if section.checkpoint:
         try:
-            model = load_model(section.checkpoint, family=family, dtype=dtype, device=device)
+            model = load_model(section.checkpoint, family=family, dtype=dtype, device=device, config=section.config)
         except (CheckpointUnavailableError, FileNotFoundError) as err:
             raise ModelUnavailableError(f"model.checkpoint={section.checkpoint!r} is not available: {err}") from err
         return model.eval(), {"weights": "checkpoint", "source": section.checkpoint, "family": family}
@@ -98,7 +98,7 @@ def load_run_model(section: ModelSection, *, seed: int = 0) -> tuple[nn.Module, 
 
 # ------------------------------------------------------------------------------------------- scenes
 def _synthetic(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
-               root: Optional[str]) -> list:
+               root: Optional[str], **_: Any) -> list:
     from hess.data import build_scenes
     from hess.train import SCENE_OPTIONS
 
@@ -108,45 +108,99 @@ def _synthetic(split: str, num_scenes: int, num_frames: int, height: int, width:
     return build_scenes("synthetic", split=SYNTHETIC_SPLITS[split], num_scenes=num_scenes, seed=seed, **options)
 
 
-def _real(name: str) -> Callable[..., list]:
-    def build(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
-              root: Optional[str]) -> list:
-        from hess.data import build_scenes
+def _co3d(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
+          root: Optional[str], categories: tuple = (), **_: Any) -> list:
+    """CO3Dv2 (VGGT protocol): ``num_frames`` per sequence drawn on VGGT's RNG path with ``seed``, frames
+    ``width`` wide (height by aspect ratio, centre-cropped to at most ``height``), ``num_scenes`` sequences
+    spread round-robin over the categories, only those loaded.  split eval/test: the set lists' test
+    subset; calib/train: their train subset (calib checks it is disjoint from test)."""
+    from hess.data import build_scenes
 
-        if root is None:
-            raise FileNotFoundError(f"data.dataset={name} needs data.root (the dataset folder)")
-        kwargs = {"root": root} if name == "dtu" else {"root": root, "split": "test" if split == "eval" else split}
-        return build_scenes(name, **kwargs)[:num_scenes]
+    co3d_split = {"eval": "test", "dev": "test"}.get(split, split)
+    return build_scenes("co3d", root=root, split=co3d_split, categories=list(categories) or None,
+                        num_frames=num_frames, seed=seed, image_width=width, max_height=height,
+                        max_scenes=num_scenes, spread=True)
 
-    return build
+
+def _dtu(split: str, num_scenes: int, num_frames: int, height: int, width: int, seed: int,
+         root: Optional[str], scans: tuple = (), **_: Any) -> list:
+    """DTU (π³ protocol, stride-5 views): the first ``num_scenes`` of ``scans`` (default the 22 test
+    scans), ``num_frames`` of their views (seeded subset; 10 = all), ``width`` wide, height ≤ ``height``."""
+    from hess.data import build_scenes
+    from hess.data.dtu import DTU_TEST_SCANS
+
+    if split not in ("eval", "test"):
+        raise ValueError(f"DTU has only its test scans (split eval/test), not {split!r}: the paper calibrates on "
+                         "CO3Dv2 (calib.dataset=co3d calib.root=<CO3Dv2 root>) or pass calib.artifact=<score artifact>")
+    chosen = list(scans or DTU_TEST_SCANS)[:num_scenes]
+    return build_scenes("dtu", root=root, scans=chosen, num_frames=num_frames, seed=seed, image_width=width,
+                        max_height=height)
 
 
 SCENE_SOURCES: Registry[Callable[..., list]] = Registry("dataset")
 SCENE_SOURCES.register("synthetic")(_synthetic)
-SCENE_SOURCES.register("co3d")(_real("co3d"))
-SCENE_SOURCES.register("dtu")(_real("dtu"))
+SCENE_SOURCES.register("co3d")(_co3d)
+SCENE_SOURCES.register("dtu")(_dtu)
+
+
+def _check_root(dataset: str, root: Optional[str], key: str) -> None:
+    import os
+
+    env = {"co3d": "HESS_CO3D_ROOT", "dtu": "HESS_DTU_ROOT"}.get(dataset)
+    if env and root is None and not os.environ.get(env):
+        raise FileNotFoundError(f"{key}={dataset} needs a dataset folder: set {key.rsplit('.', 1)[0]}.root=<folder> "
+                                f"(or ${env})")
 
 
 def eval_scenes(data: DataSection) -> list:
-    """Evaluation scenes of ``cfg.data``."""
+    """Evaluation scenes of ``cfg.data``: exactly ``num_scenes`` × ``num_frames`` at the configured size."""
+    _check_root(data.dataset, data.root, "data.dataset")
     return SCENE_SOURCES.get(data.dataset)(data.split, data.num_scenes, data.num_frames, data.height, data.width,
-                                           data.seed, data.root)
+                                           data.seed, data.root, scans=data.scans, categories=data.categories)
+
+
+def calib_source(data: DataSection, calib: CalibSection) -> tuple[str, Optional[str]]:
+    """(dataset, root) of the calibration scenes: ``calib.dataset`` / ``calib.root``, else ``data.*``."""
+    dataset = calib.dataset or data.dataset
+    root = calib.root if calib.root is not None else (data.root if dataset == data.dataset else None)
+    return dataset, root
 
 
 def calib_scenes(data: DataSection, calib: CalibSection) -> list:
-    """Calibration scenes: the ``calib`` split of the same dataset, disjoint from evaluation scenes."""
-    if data.dataset == "dtu":
-        raise ValueError("DTU has no calibration split (the paper calibrates on CO3Dv2 dev): "
-                         "pass calib.artifact=<score artifact> computed on CO3Dv2")
-    return SCENE_SOURCES.get(data.dataset)("calib", calib.num_scenes, calib.num_frames, data.height, data.width,
-                                           calib.seed, data.root)
+    """Calibration scenes: ``calib.split`` of ``calib.dataset`` (default: data.dataset), disjoint from the
+    evaluation scenes; frames at the evaluation width / height limit (``data.width``, ``data.height``)."""
+    dataset, root = calib_source(data, calib)
+    if dataset == "dtu":
+        raise ValueError("DTU has no calibration split (the paper calibrates on CO3Dv2 dev): set calib.dataset=co3d "
+                         "calib.root=<CO3Dv2 root>, or pass calib.artifact=<score artifact> computed on CO3Dv2")
+    _check_root(dataset, root, "calib.dataset")
+    categories = data.categories if dataset == data.dataset else ()
+    height, width = calib_size(data, calib)
+    return SCENE_SOURCES.get(dataset)(calib.split, calib.num_scenes, calib.num_frames, height, width,
+                                      calib.seed, root, categories=categories)
 
 
-def calib_config(calib: CalibSection, progress: bool = True) -> "CalibConfig":
-    """``hess.calibrate.CalibConfig`` of ``cfg.calib``."""
+def calib_size(data: DataSection, calib: CalibSection) -> tuple[int, int]:
+    """(height, width) of the calibration frames: calib.height / calib.width, else data.height / data.width."""
+    return (calib.height or data.height, calib.width or data.width)
+
+
+#: CalibSection field -> CalibConfig field (every CalibConfig option but device / progress is in the config)
+CALIB_OPTIONS = ("seed", "inlier_eps", "use_icp", "icp_max_distance", "icp_iterations", "icp_max_points",
+                 "points_source", "max_frames", "max_points", "autocast", "checkpointing", "include_bias")
+
+
+def calib_config(calib: CalibSection, progress: bool = True, device: Optional[str] = None) -> "CalibConfig":
+    """``hess.calibrate.CalibConfig`` of ``cfg.calib`` (every option of ``CALIB_OPTIONS``).
+
+    ``device``: the model's device type; ``calib.autocast`` applies on CUDA only (None: as configured).
+    """
     from hess.calibrate import CalibConfig
 
-    return CalibConfig(seed=calib.seed, inlier_eps=calib.inlier_eps, use_icp=calib.use_icp, progress=progress)
+    options = {name: getattr(calib, name) for name in CALIB_OPTIONS}
+    if device is not None and device != "cuda":
+        options["autocast"] = None
+    return CalibConfig(**options, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -177,6 +231,10 @@ class Resources:
         """``load_run_model(section)``, once per section."""
         return self._get(_key("model", section), lambda: load_run_model(section))
 
+    def device_type(self, section: ModelSection) -> str:
+        """"cuda" / "cpu" / ...: where the model of ``section`` lives."""
+        return next(self.model(section)[0].parameters()).device.type
+
     def fingerprint(self, section: ModelSection) -> str:
         """Hash of the model's weights (part of every calibration cache key)."""
         from hess.calibrate import model_fingerprint
@@ -199,9 +257,16 @@ class Resources:
 
         return self._get(_key("layout", section, data), probe)
 
+    def scene_layout(self, section: ModelSection, scene: Any) -> "Layout":
+        """Global-attention layout of ``scene`` (one probe forward per model × frame count × image size)."""
+        from hess.rq.measure import sequence_layout
+
+        return self._get(_key("scene-layout", section, scene.num_frames, scene.image_hw),
+                         lambda: sequence_layout(self.model(section)[0], scene))
+
     def calib_scenes(self, data: DataSection, calib: CalibSection) -> list:
-        """Calibration scenes (``calib`` split), once per (data, calib) setting."""
-        return self._get(_key("calib", data.dataset, data.height, data.width, data.root, calib),
+        """Calibration scenes (``calib.split`` of ``calib.dataset``), once per (data, calib) setting."""
+        return self._get(_key("calib", calib_source(data, calib), calib_size(data, calib), data.categories, calib),
                          lambda: calib_scenes(data, calib))
 
     def head_scores(self, cfg: RunConfig) -> "HeadScores":
@@ -216,9 +281,9 @@ class Resources:
         if cfg.calib.artifact:
             return self._get(_key("artifact", cfg.calib.artifact), lambda: HeadScores.load(cfg.calib.artifact))
         scenes = self.calib_scenes(cfg.data, cfg.calib)
-        config = calib_config(cfg.calib, self.progress)
+        config = calib_config(cfg.calib, self.progress, self.device_type(cfg.model))
         key = {"calib": config.key(), "scenes": [s.scene_id for s in scenes], "model": self.fingerprint(cfg.model),
-               "frames": cfg.calib.num_frames, "hw": [cfg.data.height, cfg.data.width]}
+               "frames": [list(map(str, s.frame_ids)) for s in scenes], "hw": [list(s.image_hw) for s in scenes]}
 
         def compute():
             self.calibrations_computed += 1
@@ -247,7 +312,8 @@ class Resources:
         def make() -> Tensor:
             traces = self.head_scores(cfg) if needs_traces else None
             scenes = self.calib_scenes(cfg.data, cfg.calib) if needs_scenes else [None]
-            return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress), head_scores=traces,
+            return score_heads(name, model, scenes, calib_config(cfg.calib, self.progress, self.device_type(cfg.model)),
+                               head_scores=traces,
                                lam=cfg.score.lam, proj=cfg.calib.proj, normalize=cfg.score.normalize,
                                seed=cfg.score.seed, keep_ratio=cfg.budget.keep_ratio,
                                min_blocks=cfg.budget.min_blocks, q_block=cfg.sparse.q_block,
