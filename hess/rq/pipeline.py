@@ -11,7 +11,9 @@ Metric keys: ``<dataset>/<metric>`` (auc30, auc15, rra15, rta15, rra30, rta30, c
 chamfer_f0, abs_rel), ``perf/realized_density`` (kept fraction of the patch–patch score matrix; 1 for dense),
 ``perf/realized_density_sinks`` (SparseVGGT's convention), ``perf/latency_ms`` (median end-to-end),
 ``perf/global_attn_ms`` (global-attention cores of the same forwards), ``budget/blocks_per_layer``
-(realised key blocks per layer and query row, summed over heads) and ``budget/wasted_fraction``.
+(realised key blocks per layer and query row, summed over heads), ``budget/wasted_fraction`` (negative:
+the allocation exceeds its budget) and ``<dataset>/pairs`` (frame pairs scored per scene).
+``eval.timing=false`` skips the timing forwards of accuracy runs (latency NaN; ``hess reproduce latency`` times).
 Per-scene rows carry every metric of the scene; rows with ``scene_id="all"`` hold the aggregates
 (pose metrics pooled over all frame pairs, the rest averaged over scenes).
 """
@@ -36,6 +38,7 @@ from hess.rq.resources import Resources
 GLOBAL_ATTN_KEY = "perf/global_attn_ms"
 SINKS_KEY = "perf/realized_density_sinks"
 ALL_SCENES = "all"
+PAIRS = "pairs"  # <dataset>/pairs: frame pairs scored in a scene (weights of the pooled-AUC bootstrap)
 #: sections that do not change a dense run (normalised away so a dense baseline runs once per grid)
 _DENSE_IRRELEVANT = ("score", "budget", "calib")
 
@@ -167,13 +170,16 @@ class Pipeline:
         prefix = cfg.data.dataset
         rows, errors, per_scene = [], [], []
         for scene in scenes:
-            if timings is None:
+            if timings is not None:
+                timing = timings[scene.scene_id]
+            elif cfg.eval.timing:
                 timing = time_forward(model, scene, warmup=cfg.eval.latency_warmup, repeats=cfg.eval.latency_repeats)
             else:
-                timing = timings[scene.scene_id]
+                timing = {"latency_ms": math.nan, "global_attn_ms": math.nan}
             values, pairs = scene_metrics(model, scene)
             density, sinks = realized(model) or (1.0, 1.0)
-            scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, DENSITY_KEY: density,
+            scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, f"{prefix}/{PAIRS}": float(pairs[0].numel()),
+                            DENSITY_KEY: density,
                             SINKS_KEY: sinks, LATENCY_KEY: timing["latency_ms"], GLOBAL_ATTN_KEY: timing["global_attn_ms"]}
             rows += [(scene.scene_id, k, v, density, timing["latency_ms"]) for k, v in scene_values.items()]
             errors.append(pairs)
