@@ -269,12 +269,17 @@ def hess_lam_label(df: pd.DataFrame) -> pd.Series:
 @REPORTS.register("rq5_pi3")
 def rq5(df: pd.DataFrame) -> Report:
     """Dense / uniform / HeSS on π³ at each λ (HeSS only) and keep ratio, paired Δ vs the baselines."""
-    df, paired, settings = compare(df, "rq5_pi3", label=hess_lam_label)
-    table = order(summary(df, ["method", "keep_ratio"], accuracy_columns(df)))
+    df = df.assign(**{"score.lam": df["score.lam"].where(df["method"] == "hess")})
+    labelled, paired, settings = compare(df, "rq5_pi3", label=hess_lam_label)
+    table = summary(df.assign(**{"score.lam": df["score.lam"].fillna(_NO_KEEP)}), ["method", "score.lam", "keep_ratio"],
+                    accuracy_columns(df)).rename(columns={"score.lam": "lam"})
+    table["lam"] = table["lam"].replace(_NO_KEEP, np.nan)
+    table = order(table)
     figures, notes = {}, []
-    tradeoff_figures(df, figures, notes)
+    tradeoff_figures(labelled, figures, notes)
     difference_figures(paired, settings["baselines"], list(accuracy_keys(df))[:1], figures, notes)
-    parts = [markdown_table(table), *delta_parts(paired, table, settings["baselines"], accuracy_keys(df))]
+    rows = table.assign(method=[m if pd.isna(l) else f"{m} lam={l:g}" for m, l in zip(table["method"], table["lam"])])
+    parts = [markdown_table(table), *delta_parts(paired, rows, settings["baselines"], accuracy_keys(df))]
     return Report(finish(parts, notes), table, figures, paired)
 
 
