@@ -356,6 +356,40 @@ def calibration_error_fn(config: CalibConfig, lam: float = 0.5) -> ErrorFn:
     return error
 
 
+def fixed_target_errors(config: CalibConfig, chamfer_points: int = 4096) -> tuple[Any, Any]:
+    """``(prepare, measure)`` of the faithful oracle (``hess.scorers.oracle_deltas``).
+
+    ``prepare(model, scene)``: the *dense* prediction's detached alignment sg(H), inlier set and NN targets
+    (``error_targets``), plus seeded fixed subsets of ``chamfer_points`` predicted pixels and GT points.
+    ``measure(model, state)``: ``{"cam": e_cam, "pc": e_pc, "chamfer": (Acc + Comp)/2}`` of the current
+    model's prediction with all of that held fixed: e_pc over the dense inlier pixels against their dense
+    NN targets (a point that degrades stays in the set and raises e_pc), Chamfer of the fixed-aligned
+    point subset against the GT subset (untruncated: no inlier radius).
+    """
+
+    def prepare(model: nn.Module, scene: Any) -> tuple:
+        scene = prepare_scene(scene, config, _device(model, config))
+        pred = predict_geometry(model, scene, config)
+        targets = error_targets(pred, scene, config)
+        valid = scene.valid.reshape(-1).nonzero().flatten()
+        gen = _rng(config, scene.scene_id + "/chamfer")
+        pick = valid[torch.randperm(valid.numel(), generator=gen)[:chamfer_points].to(valid.device)]
+        gt = scene.world_points.reshape(-1, 3)[valid[torch.randperm(valid.numel(), generator=gen)[:chamfer_points]
+                                                     .to(valid.device)]].double().cpu()
+        return scene, targets, pick, gt
+
+    def measure(model: nn.Module, state: tuple) -> dict[str, float]:
+        scene, targets, pick, gt = state
+        pred = predict_geometry(model, scene, config)
+        errors = calibration_errors(pred, targets)
+        pts = apply_sim3(pred["world_points"].reshape(-1, 3)[pick].double().cpu(), targets.scale.double().cpu(),
+                         targets.rotation.double().cpu(), targets.translation.double().cpu())
+        chamfer = 0.5 * (nearest_neighbors(pts, gt)[0].mean() + nearest_neighbors(gt, pts)[0].mean())
+        return {"cam": float(errors["cam"]), "pc": float(errors["pc"]), "chamfer": float(chamfer)}
+
+    return prepare, measure
+
+
 def score_heads(name: str, model: nn.Module, scenes: Sequence[Scene], config: CalibConfig, *,
                 head_scores: Optional[HeadScores] = None, lam: float = 0.5, proj: str = "q",
                 normalize: bool = True, seed: int = 0, keep_ratio: float = 0.25, min_blocks: int = 1,

@@ -163,6 +163,7 @@ class EvalSection(_Section):
     icp_threshold: Optional[float] = None
     latency_warmup: int = 1
     latency_repeats: int = 3
+    timing: bool = True  # time every scene's forward in accuracy runs; False: latency NaN (the latency experiment times)
 
 
 @dataclass(frozen=True)

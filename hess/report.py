@@ -2,7 +2,8 @@
 
 Question: what do the recorded runs of an experiment show (RQ1–RQ5, latency)?
 Command:  hess report ablations/outputs/reproduce/demo-20261123-220000 --out ablations/results/demo
-Output:   <out>/<experiment>.md (provenance header + tables), <out>/<experiment>.csv, <out>/<experiment>_<plot>.png
+Output:   <out>/<experiment>.md (provenance header + tables), <out>/<experiment>.csv, <out>/<experiment>_<plot>.png,
+          <out>/paired_differences.csv (every comparison of every experiment: Δ with its 95% bootstrap CI)
 
 Rows are read with ``hess.results.load_results``; each run's meta.json gives the provenance (date, git SHA,
 model weights).  Nothing else is read, so running the command twice on the same results writes the same
@@ -62,7 +63,8 @@ def header(name: str, df: pd.DataFrame) -> str:
               + (" (uncommitted changes)" if "True" in info["dirty"] else ""),
               f"- model: {', '.join(info['sources']) or 'unknown'} (weights: {', '.join(info['weights']) or 'unknown'})",
               "- cells: rows `scene_id = all` of the records (pose metrics pooled over all frame pairs, other metrics "
-              "averaged over scenes); plots: mean ± std over scenes", ""]
+              "averaged over scenes); Δ: paired over the same scenes with 95% bootstrap CIs (also in "
+              "`paired_differences.csv`); curves of absolute values: mean ± std over scenes", ""]
     if "random-init" in info["weights"]:
         lines += [RANDOM_INIT_NOTICE, ""]
     return "\n".join(lines)
@@ -82,6 +84,10 @@ def write_report(name: str, report: Report, body_header: str, out: Path) -> list
     write_atomic(md_path, lambda tmp: Path(tmp).write_text(text))
     write_atomic(csv_path, lambda tmp: report.csv.to_csv(tmp, index=False, float_format="%.6g"))
     paths = [md_path, csv_path]
+    if report.paired is not None:
+        from hess.rq.paired import merge_paired_csv
+
+        paths.append(merge_paired_csv(out, name, report.paired))
     for fig_name, fig in report.figures.items():
         paths.append(save_figure(fig, out / f"{name}_{fig_name}.png"))
     return paths

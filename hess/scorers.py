@@ -216,3 +216,43 @@ def oracle_sensitivity(model: nn.Module, scenes: Sequence[Any], error_fn: ErrorF
                 errs = torch.tensor([float(error_fn(model, s)) for s in scenes], dtype=torch.float64)
             delta[l, h] = (errs - base).mean()
     return delta
+
+
+PrepareFn = Callable[[nn.Module, Any], Any]
+MeasureFn = Callable[[nn.Module, Any], "dict[str, float]"]
+
+
+def oracle_deltas(model: nn.Module, scenes: Sequence[Any], prepare: PrepareFn, measure: MeasureFn, keep_ratio: float, *,
+                  min_blocks: int = 1, q_block: int = 128, k_block: int = 64, backend: str = "auto",
+                  progress: bool = False) -> dict[str, Tensor]:
+    """The faithful oracle: several errors per head, each against targets fixed by the dense model.
+
+    ``state = prepare(dense model, scene)`` is computed once per scene (e.g. the dense prediction's
+    alignment, inlier set and nearest-neighbour targets, ``hess.calibrate.fixed_target_errors``);
+    ``measure(model, state) -> {error name: value}`` then scores the dense model and every model with one
+    head (l, h) alone at ``keep_ratio``, against that same state, so a head that wrecks the point cloud
+    cannot hide it by moving its points out of a re-fitted inlier set.
+
+    Returns:
+        error name -> [L, H] float64 ``Δ[l, h] = mean_scenes (measure(head (l, h) sparse) − measure(dense))``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_scenes(scenes)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    layers = _layers(model)
+    pairs = [(l, h) for l in range(len(layers)) for h in range(layers[l].num_heads)]
+    with grad_only_for(model), torch.no_grad():
+        states = [prepare(model, s) for s in scenes]
+        base = [measure(model, st) for st in states]
+        names = list(base[0])
+        delta = {n: torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64) for n in names}
+        for l, h in tqdm(pairs, desc=f"oracle heads (keep {keep_ratio:g})", disable=not progress):
+            make = lambda _, core: OneHeadSparseCore(core, h, keep_ratio, min_blocks, q_block, k_block,  # noqa: E731
+                                                     backend=backend)
+            with wrapped_cores([layers[l]], make):
+                errs = [measure(model, st) for st in states]
+            for n in names:
+                delta[n][l, h] = sum(e[n] - b[n] for e, b in zip(errs, base)) / len(states)
+    return delta

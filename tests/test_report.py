@@ -16,6 +16,7 @@ from hess.report import RANDOM_INIT_NOTICE, write_reports
 from hess.results import DENSITY_KEY, Record, RunDir, load_results
 from hess.rq import Pipeline, run_tracked
 from hess.rq.heterogeneity import rq1 as rq1_report
+from hess.rq.paired import PAIRED_COLUMNS
 from hess.rq.runners import SIZING
 from hess.rq.tables import fmt, markdown_table, summary
 
@@ -64,9 +65,14 @@ def test_table_cells_are_the_recorded_values(runs, written):
     md = (tmp_path / "rq3_baselines.md").read_text()
     uniform = table[table.method == "uniform"].iloc[0]
     assert f"| uniform | {fmt(uniform['keep_ratio'])} | {fmt(uniform['sparsity'])} |" in md
-    # the difference to uniform at the same keep ratio is computed, not copied
+    # the paired difference to uniform at the same keep ratio is computed from the per-scene rows
     random = table[table.method == "random"].iloc[0]
-    assert random["ΔChamfer vs uniform"] == pytest.approx(random["Chamfer ↓"] - uniform["Chamfer ↓"], abs=1e-6)
+    paired = pd.read_csv(tmp_path / "paired_differences.csv")
+    assert list(paired.columns) == PAIRED_COLUMNS and set(paired["rq"]) == {"rq3_baselines"}
+    row = paired[(paired.method == "random") & (paired.baseline == "uniform") & (paired.metric == "synthetic/chamfer")]
+    assert row["mean_diff"].item() == pytest.approx(random["Chamfer ↓"] - uniform["Chamfer ↓"], abs=1e-6)
+    assert row["n_scenes"].item() == 1 and math.isnan(row["ci_low"].item())  # one scene: no interval
+    assert "ΔAUC@30 vs uniform [95% CI]" in md
     assert "hess reproduce rq3 --preset micro" in md and "runs: 3" in md
 
 
@@ -105,23 +111,29 @@ def _score_rows(tables: dict[str, np.ndarray]) -> pd.DataFrame:
         for l in range(t.shape[0]):
             for h in range(t.shape[1]):
                 rows.append({"metric": f"score/{name}", "scene_id": f"GA{l}-H{h}", "value": float(t[l, h]),
-                             "keep_ratio": 0.1 if name == "oracle" else np.nan, "head.layer": l, "head.index": h,
+                             "keep_ratio": 0.1 if name.startswith("oracle") else np.nan, "head.layer": l, "head.index": h,
                              "score.lam": 0.5})
     return pd.DataFrame(rows)
 
 
 def test_rq1_report_known_answers():
-    """Layer 0 equal heads (CV 0, Gini 0); layer 1 = (1, 3): CV 0.5, Gini 0.25; oracle = HeSS gives ρ = 1."""
-    hess = np.array([[1.0, 1.0], [1.0, 3.0]])
-    tables = {"hess_cam": hess, "hess_pc": hess[:, ::-1].copy(), "hess": hess, "oracle": hess * 2,
-              "random": np.array([[0.2, 0.1], [0.9, 0.3]])}
+    """Layer 0 equal heads (CV 0, Gini 0); layer 1 = (1, 3, 2, 4): CV 0.447, Gini 0.25; oracle_cam = 2·HeSS_cam
+    gives per-layer ρ = 1 with the smallest permutation p (layer 0 constant: left out); a ranking reversed within
+    layers ρ = −1, p = 1; pooled ρ only for raw traces vs raw Δ."""
+    hess = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 3.0, 2.0, 4.0], [4.0, 1.0, 2.0, 3.0]])
+    tables = {"hess_cam": hess, "hess_pc": hess[:, ::-1].copy(), "hess": hess, "trace_cam": hess * 10,
+              "oracle_cam": hess * 2, "oracle_pc": hess[:, ::-1] * 3, "oracle": hess + 1, "random": 5.0 - hess}
     report = rq1_report(_score_rows(tables))
     dispersion = report.csv[report.csv.kind == "dispersion"]
     row = dispersion[(dispersion.table == "hess") & (dispersion.global_layer == 1)].iloc[0]
-    assert row.cv == pytest.approx(0.5) and row.gini == pytest.approx(0.25)
+    assert row.cv == pytest.approx(math.sqrt(1.25) / 2.5) and row.gini == pytest.approx(0.25)
     assert dispersion[(dispersion.table == "hess") & (dispersion.global_layer == 0)].iloc[0].cv == pytest.approx(0.0)
-    agreement = report.csv[report.csv.kind == "agreement"].set_index("scorer")
-    assert agreement.loc["hess", "Spearman ρ vs oracle (pooled)"] == pytest.approx(1.0)
-    assert agreement.loc["random", "Spearman ρ vs oracle (mean per layer)"] == pytest.approx(-1.0)  # layer 0 constant: skipped
-    assert "| most | 1 | GA1-H1 | 3.0000 |" in report.markdown
-    assert set(report.figures) == {"hess_heatmaps", "dispersion", "oracle", "rank_correlation"}
+    agreement = report.csv[report.csv.kind == "agreement"].set_index(["scorer", "oracle"])
+    cam = agreement.loc[("hess_cam", "oracle_cam")]
+    assert cam["ρ per layer (mean)"] == pytest.approx(1.0) and cam["layers"] == 2 and cam["p (permutation)"] < 0.01
+    assert math.isnan(cam["ρ pooled"])  # per-layer-normalised HeSS is not comparable across layers
+    assert agreement.loc[("trace_cam", "oracle_cam"), "ρ pooled"] == pytest.approx(1.0)
+    assert agreement.loc[("hess_pc", "oracle_pc"), "ρ per layer (mean)"] == pytest.approx(1.0)
+    assert "| random | -1.00 (p=1.000) |" in report.markdown  # ranks reversed within every layer
+    assert "| most | 1 | GA0-H0 | 1.0000 |" not in report.markdown and "| most | 1 | GA1-H3 | 4.0000 |" in report.markdown
+    assert set(report.figures) == {"hess_heatmaps", "dispersion", "oracle_cam", "oracle_pc", "oracle", "rank_correlation"}

@@ -11,18 +11,21 @@ imports ``hess.results`` only (style.md §5).
 - ``stats``: pure numbers (coefficient of variation, Gini, Spearman, extreme heads, Pareto mask).
 - ``heads``: per-head tables [L, H] (heatmaps, allocations, dispersion, rank agreement).
 - ``curves``: tidy result rows (trade-off curves, λ grid, Pareto front, latency bars).
+- ``paired``: paired differences with their bootstrap CIs (forest plot).
 """
 from hess.plots._base import head_label, metric_label, save_figure
 from hess.plots.curves import (GLOBAL_ATTENTION_KEY, LATENCY_METRICS, aggregate, lambda_grid, latency_bars,
                                pareto_front, tradeoff_curve)
-from hess.plots.heads import (allocation_heatmaps, dispersion_bars, head_heatmap, hess_heatmaps,
-                              rank_correlation_matrix)
+from hess.plots.heads import (allocation_heatmaps, dispersion_bars, extreme_heads_bars, head_heatmap,
+                              hess_heatmaps, rank_correlation_matrix)
+from hess.plots.paired import difference_plot
 from hess.plots.stats import (average_ranks, coefficient_of_variation, extreme_heads_table, gini, pareto_mask,
                               rank_correlations, spearman)
 
 __all__ = [
     "GLOBAL_ATTENTION_KEY", "LATENCY_METRICS", "aggregate", "allocation_heatmaps", "average_ranks",
-    "coefficient_of_variation", "dispersion_bars", "extreme_heads_table", "gini", "head_heatmap", "head_label",
+    "coefficient_of_variation", "difference_plot", "dispersion_bars", "extreme_heads_bars", "extreme_heads_table",
+    "gini", "head_heatmap", "head_label",
     "hess_heatmaps", "lambda_grid", "latency_bars", "metric_label", "pareto_front", "pareto_mask",
     "rank_correlation_matrix", "rank_correlations", "save_figure", "spearman", "tradeoff_curve",
 ]

@@ -168,23 +168,59 @@ def dispersion_bars(scores: Any, *, title: str = "Per-layer dispersion of head s
     return fig
 
 
-def rank_correlation_matrix(score_tables: Mapping[str, Any], *, title: str = "Rank agreement between scorers"
-                            ) -> Figure:
+def extreme_heads_bars(scores: Any, low: Any, high: Any, *, k: int = 5,
+                       title: str = "Most / least sensitive heads with their calibration-bootstrap 95% CI") -> Figure:
+    """The ``k`` most and least sensitive heads of ``scores`` as bars with error bars ``[low, high]``.
+
+    Args:
+        scores: [L, H] the table in use; low, high: [L, H] its bootstrap interval (``hess.rq.stability``).
+    """
+    from hess.plots.stats import extreme_heads_table
+
+    x, lo, hi = as_table(scores, "scores"), as_table(low, "low"), as_table(high, "high")
+    if not x.shape == lo.shape == hi.shape:
+        raise ValueError(f"scores, low and high must share one [L, H] shape, got {x.shape}, {lo.shape}, {hi.shape}")
+    top = extreme_heads_table(x, k=min(k, x.size))
+    L, H = x.shape
+    fig, axes = new_figure(1, 1, (max(5.0, 0.45 * len(top) + 1.5), 3.4))
+    ax = axes[0, 0]
+    pos = np.arange(len(top))
+    val = top["score"].to_numpy()
+    l_, h_ = lo[top["global_layer"], top["head"]], hi[top["global_layer"], top["head"]]
+    colours = ["tab:red" if g == "most" else "tab:blue" for g in top["group"]]
+    ax.bar(pos, val, color=colours, alpha=0.75)
+    ax.errorbar(pos, val, yerr=[np.clip(val - l_, 0, None), np.clip(h_ - val, 0, None)], fmt="none", ecolor="black",
+                capsize=3, lw=1.2)
+    ax.axhline(1.0 / H, color="gray", ls="--", lw=1, label=f"uniform share 1/H = {1 / H:.3f}")
+    category_ticks(ax, list(top["head_label"]), "x")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.set_ylabel("share of the layer's sensitivity")
+    ax.set_title(f"{title}\n(red: {k} most, blue: {k} least; {NAMING_NOTE})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def rank_correlation_matrix(score_tables: Mapping[str, Any], *, title: str = "Rank agreement between scorers",
+                            pooled: bool = True) -> Figure:
     """Spearman ρ between score tables: pooled over all heads, and mean of per-layer ρ.
 
     Args:
         score_tables: name -> [L, H] scores, at least two (e.g. HeSS, oracle, michel, entropy).
+        pooled: also draw ρ pooled over all heads (only meaningful when every table is on one scale across
+            layers; per-layer-normalised HeSS is not).
     Returns:
-        a Figure with two names × names panels and one colour bar (-1..1); cells with no defined ρ
+        a Figure with two (one without ``pooled``) names × names panels and one colour bar (-1..1); cells with no defined ρ
         (a constant table) read "n/a".
     """
     corr = rank_correlations(score_tables)
     names = list(score_tables)
     n = len(names)
     side = float(np.clip(0.7 * n + 2.2, 3.8, 9.0))
-    fig, axes = new_figure(1, 2, (side, side * 0.85))
+    fig, axes = new_figure(1, 2 if pooled else 1, (side, side * 0.85))
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")
-    panels = {"pooled over all L·H heads": corr["pooled"], "mean of per-layer ρ (over H heads)": corr["per_layer"]}
+    panels = {"pooled over all L·H heads": corr["pooled"]} if pooled else {}
+    panels["mean of per-layer ρ (over H heads)"] = corr["per_layer"]
     for ax, (name, frame) in zip(axes[0], panels.items()):
         values = frame.to_numpy()
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")

@@ -16,6 +16,8 @@ Per-scene rows carry every metric of the scene (with its realised density, its n
 and its category in ``scene.category``); rows with ``scene_id="all"`` hold the aggregates (pose: VGGT's
 per-category mean of AUCs pooled per category; the rest averaged over scenes; ``PROTOCOLS``).
 Budgets are allocated per sequence: each scene's n_k (frame count × aspect ratio) gets its own allocation.
+``budget/wasted_fraction`` is negative where the allocation exceeds its budget; ``<dataset>/pairs``: frame pairs
+scored per scene.  ``eval.timing=false`` skips the timing forwards of accuracy runs (latency NaN).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from hess.rq.resources import Resources
 GLOBAL_ATTN_KEY = "perf/global_attn_ms"
 SINKS_KEY = "perf/realized_density_sinks"
 ALL_SCENES = "all"
+PAIRS = "pairs"  # <dataset>/pairs: frame pairs scored in a scene (weights of the pooled-AUC bootstrap)
 #: sections that do not change a dense run (normalised away so a dense baseline runs once per grid)
 _DENSE_IRRELEVANT = ("score", "budget", "calib")
 
@@ -200,13 +203,16 @@ class Pipeline:
                        timings: Optional[Mapping[str, Mapping[str, float]]]) -> tuple[list, dict[str, float], tuple]:
         """Rows, values and pose pair errors of one scene under the model's current attention."""
         prefix = cfg.data.dataset
-        if timings is None:
+        if timings is not None:
+            timing = timings[scene.scene_id]
+        elif cfg.eval.timing:
             timing = time_forward(model, scene, warmup=cfg.eval.latency_warmup, repeats=cfg.eval.latency_repeats)
         else:
-            timing = timings[scene.scene_id]
+            timing = {"latency_ms": math.nan, "global_attn_ms": math.nan}
         values, pairs = scene_metrics(model, scene, cfg.eval.metrics, cfg.eval.icp_threshold)
         density, sinks = realized(model) or (1.0, 1.0)
-        scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, DENSITY_KEY: density,
+        scene_values = {**{f"{prefix}/{k}": v for k, v in values.items()}, f"{prefix}/{PAIRS}": float(pairs[0].numel()),
+                        DENSITY_KEY: density,
                         SINKS_KEY: sinks, LATENCY_KEY: timing["latency_ms"], GLOBAL_ATTN_KEY: timing["global_attn_ms"]}
         rows = [(scene.scene_id, k, v, density, timing["latency_ms"]) for k, v in scene_values.items()]
         return rows, scene_values, pairs

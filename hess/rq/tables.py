@@ -4,8 +4,9 @@
     report = REPORTS.get("rq2_sparsity")(rows_of(df, "rq2_sparsity"))   # Report(markdown, csv, figures)
 
 Every number comes from the records (``hess.results.load_results``): rows with ``scene_id == "all"``
-give the table cells (pose metrics pooled over all frame pairs, the rest averaged over scenes); the
-per-scene rows give the plots' error bars.  Records carry ``rq.name`` (which experiment) and
+give the table cells (pose metrics pooled over all frame pairs, the rest averaged over scenes; a
+stochastic method's seeds averaged); the per-scene rows give the paired differences with their 95%
+bootstrap CIs (``hess.rq.paired``; ``Report.paired`` → ``paired_differences.csv``) and the plots' bars.  Records carry ``rq.name`` (which experiment) and
 ``rq.method`` (which variant).  A builder reads nothing but the DataFrame, so ``hess report``
 regenerates the same tables from the same rows.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ class Report:
     markdown: str
     csv: pd.DataFrame
     figures: dict[str, Any] = field(default_factory=dict)
+    paired: Optional[pd.DataFrame] = None  # PAIRED_COLUMNS rows (hess.rq.paired) of this experiment
 
 
 REPORTS: Registry[Callable[[pd.DataFrame], Report]] = Registry("report")
@@ -132,38 +134,114 @@ def finish(parts: Sequence[str], notes: Sequence[str]) -> str:
     return "\n\n".join([*parts, *(["\n".join(notes)] if notes else [])])
 
 
+def accuracy_keys(df: pd.DataFrame) -> dict[str, str]:
+    """Full metric key -> short label of the Δ columns."""
+    ds = dataset_of(df)
+    return {f"{ds}/auc30": "AUC@30", f"{ds}/chamfer": "Chamfer"}
+
+
+def compare(df: pd.DataFrame, name: str, *, label: Optional[Callable[[pd.DataFrame], pd.Series]] = None
+            ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(rows relabelled, paired differences, settings) of experiment ``name`` (its file's ``runner:``)."""
+    from hess.rq.paired import comparison_settings, paired_differences
+
+    settings = comparison_settings(name)
+    if label is not None:
+        df = df.assign(method=label(df))
+    paired = paired_differences(df, name, baselines=settings["baselines"], metrics=settings["metrics"],
+                                compare_at=settings["compare_at"], dataset=dataset_of(df))
+    return df, paired, settings
+
+
+def difference_figures(paired: pd.DataFrame, baselines: Sequence[str], metrics: Sequence[str], figures: dict,
+                       notes: list) -> None:
+    """One forest plot (Δ with 95% CI) per baseline and metric."""
+    from hess.plots import difference_plot
+
+    for base in baselines:
+        for key in metrics:
+            short = key.rpartition("/")[2]
+            add_figure(figures, notes, f"delta_{short}_vs_{base}".replace(" ", "_").replace("=", ""),
+                       lambda b=base, k=key: difference_plot(paired, k, baseline=b))
+
+
+def seeds_column(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` = how many runs (seeds) each (method, keep ratio) row averages."""
+    counts = df.assign(_k=df["keep_ratio"].fillna(_NO_KEEP)).groupby(["method", "_k"])["run_id"].nunique()
+    keys = zip(table["method"], table["keep_ratio"].fillna(_NO_KEEP))
+    return table.assign(runs=[int(counts.get(k, 0)) for k in keys])
+
+
+def delta_parts(paired: pd.DataFrame, table: pd.DataFrame, baselines: Sequence[str], keys: dict[str, str],
+                method_col: str = "method") -> list[str]:
+    """A Δ table per baseline (Δ [95% CI], * = CI excludes 0) and the sentence naming significant rows."""
+    from hess.rq.paired import add_delta_columns, significance_summary
+
+    parts = []
+    base_cols = [c for c in (method_col, "keep_ratio") if c in table]
+    for base in baselines:
+        if not (paired["baseline"] == base).any():
+            continue
+        delta = add_delta_columns(table[base_cols], paired, base, keys, method_col)
+        delta = delta[delta[method_col] != base]
+        parts += [f"**Paired differences vs {base}** (mean over the same scenes; pose AUC pooled over frame pairs; "
+                  "95% percentile bootstrap CI resampling scenes, 2000 resamples, seed 0; * = CI excludes 0)",
+                  markdown_table(delta)]
+        parts += [significance_summary(paired, key, base) for key in keys]
+    return [p for p in parts if p]
+
+
 # ----------------------------------------------------------------------------------------- RQ2, RQ3
 @REPORTS.register("rq2_sparsity")
 def rq2(df: pd.DataFrame) -> Report:
-    """Accuracy vs sparsity, dense and HeSS (method × keep ratio)."""
+    """Accuracy vs sparsity, dense and HeSS (method × keep ratio), paired Δ vs the baselines."""
+    df, paired, settings = compare(df, "rq2_sparsity")
     table = order(summary(df, ["method", "keep_ratio"], accuracy_columns(df)))
     figures, notes = {}, []
     tradeoff_figures(df, figures, notes)
-    return Report(finish([markdown_table(table)], notes), table, figures)
+    difference_figures(paired, settings["baselines"], list(accuracy_keys(df))[:1], figures, notes)
+    parts = [markdown_table(table), *delta_parts(paired, table, settings["baselines"], accuracy_keys(df))]
+    return Report(finish(parts, notes), table, figures, paired)
 
 
 @REPORTS.register("rq3_baselines")
 def rq3(df: pd.DataFrame) -> Report:
-    """Every scorer / ablation at each keep ratio, with the difference to uniform at the same keep ratio."""
-    table = order(summary(df, ["method", "keep_ratio"], accuracy_columns(df)))
-    uniform = table[table["method"] == "uniform"].set_index("keep_ratio")
-    for col, name in (("AUC@30 ↑", "ΔAUC@30 vs uniform"), ("Chamfer ↓", "ΔChamfer vs uniform")):
-        base = table["keep_ratio"].map(uniform[col]) if not uniform.empty else np.nan
-        table[name] = table[col] - base
+    """Every scorer / ablation at each keep ratio with paired Δ (95% CI) vs each baseline of the file."""
+    df, paired, settings = compare(df, "rq3_baselines")
+    columns = {**accuracy_columns(df), "budget/wasted_fraction": "budget used"}
+    table = order(summary(df, ["method", "keep_ratio"], columns))
+    table["budget used"] = 1.0 - table["budget used"]  # fraction of the layer budget H·c_base allocated
+    table = seeds_column(df, table)
     figures, notes = {}, []
     tradeoff_figures(df, figures, notes)
-    note = ("Methods at one keep ratio share the per-layer block budget exactly (top-k, no CDF floor), so their "
-            "realised densities match; `hess-no-capping` (clip: clamp to [min_blocks, n_k] without redistribution) "
-            "does not conserve the budget, so compare its row at its own realised density.")
-    return Report(finish([markdown_table(table), note], notes), table, figures)
+    difference_figures(paired, settings["baselines"], list(accuracy_keys(df))[:1], figures, notes)
+    over = table[table["budget used"] > 1.0 + 1e-9]
+    excess = ("; ".join(f"`{m}` at keep {k:g} allocates {100 * (u - 1):.1f}% more blocks than its budget"
+                        for m, k, u in zip(over["method"], over["keep_ratio"], over["budget used"]))
+              or "no row allocates more blocks than its budget")
+    matched = ("rows whose realised density differs from the baseline's at the same keep ratio are compared with "
+               "the baseline's per-scene accuracy interpolated at their realised density"
+               if settings["compare_at"] == "realized_density" else "rows are matched on the target keep ratio")
+    note = ("Budget-conserving methods at one keep ratio share the per-layer block budget exactly, so their realised "
+            f"densities match; `hess-no-capping` (clip, no redistribution) does not conserve it: {excess} "
+            f"(`budget used` = allocated / budget; > 1 exceeds it). Matching: {matched}. `runs` > 1: one run per "
+            "seed; cells average the seeds and the CI resamples seeds and scenes.")
+    parts = [markdown_table(table), note, *delta_parts(paired, table, settings["baselines"], accuracy_keys(df))]
+    return Report(finish(parts, notes), table, figures, paired)
 
 
 # --------------------------------------------------------------------------------------------- RQ4
+def lam_label(df: pd.DataFrame) -> pd.Series:
+    """RQ4's row label ``lam=<λ>``."""
+    return df["score.lam"].map(lambda v: f"lam={v:g}")
+
+
 @REPORTS.register("rq4_lambda")
 def rq4(df: pd.DataFrame) -> Report:
-    """λ × keep ratio grids of AUC@30 and Chamfer."""
+    """λ × keep ratio grids of AUC@30 and Chamfer, and paired Δ vs the file's baseline λ."""
     from hess.plots import lambda_grid
 
+    df, paired, settings = compare(df, "rq4_lambda", label=lam_label)
     columns = accuracy_columns(df)
     table = summary(df, ["score.lam", "keep_ratio"], columns).rename(columns={"score.lam": "lam"})
     table = table.sort_values(["lam", "keep_ratio"], ascending=[True, False], kind="stable").reset_index(drop=True)
@@ -173,33 +251,45 @@ def rq4(df: pd.DataFrame) -> Report:
         grid.columns = [f"keep {k:g}" for k in grid.columns]
         parts.append(f"**{col}** (rows λ: 1 = camera error only, 0 = point-cloud error only)\n\n"
                      + markdown_table(grid.reset_index().rename(columns={"lam": "λ"})))
+    labelled = table.assign(method=table["lam"].map(lambda v: f"lam={v:g}"))
+    parts += delta_parts(paired, labelled, settings["baselines"], accuracy_keys(df))
     figures, notes, ds, rows = {}, [], dataset_of(df), scene_rows(df)
     for metric in ("auc30", "chamfer"):
         add_figure(figures, notes, metric, lambda m=metric: lambda_grid(rows, f"{ds}/{m}", kind="heatmap"))
-    return Report(finish(parts, notes), table, figures)
+    difference_figures(paired, settings["baselines"], list(accuracy_keys(df))[:1], figures, notes)
+    return Report(finish(parts, notes), table, figures, paired)
 
 
 # --------------------------------------------------------------------------------------------- RQ5
+def hess_lam_label(df: pd.DataFrame) -> pd.Series:
+    """RQ5's row label: ``hess lam=<λ>`` for HeSS rows, the method otherwise."""
+    return df["method"].where(df["method"] != "hess", df["score.lam"].map(lambda v: f"hess lam={v:g}"))
+
+
 @REPORTS.register("rq5_pi3")
 def rq5(df: pd.DataFrame) -> Report:
-    """Dense / uniform / HeSS on π³ at each λ (HeSS only) and keep ratio."""
+    """Dense / uniform / HeSS on π³ at each λ (HeSS only) and keep ratio, paired Δ vs the baselines."""
     df = df.assign(**{"score.lam": df["score.lam"].where(df["method"] == "hess")})
+    labelled, paired, settings = compare(df, "rq5_pi3", label=hess_lam_label)
     table = summary(df.assign(**{"score.lam": df["score.lam"].fillna(_NO_KEEP)}), ["method", "score.lam", "keep_ratio"],
                     accuracy_columns(df)).rename(columns={"score.lam": "lam"})
     table["lam"] = table["lam"].replace(_NO_KEEP, np.nan)
     table = order(table)
     figures, notes = {}, []
-    labelled = df.assign(method=df["method"] + df["score.lam"].map(lambda v: "" if pd.isna(v) else f" λ={v:g}"))
     tradeoff_figures(labelled, figures, notes)
-    return Report(finish([markdown_table(table)], notes), table, figures)
+    difference_figures(paired, settings["baselines"], list(accuracy_keys(df))[:1], figures, notes)
+    rows = table.assign(method=[m if pd.isna(l) else f"{m} lam={l:g}" for m, l in zip(table["method"], table["lam"])])
+    parts = [markdown_table(table), *delta_parts(paired, rows, settings["baselines"], accuracy_keys(df))]
+    return Report(finish(parts, notes), table, figures, paired)
 
 
 # ----------------------------------------------------------------------------------------- latency
 @REPORTS.register("latency")
 def latency(df: pd.DataFrame) -> Report:
-    """End-to-end and global-attention time per method and keep ratio, and speed-ups over dense."""
+    """End-to-end and global-attention time per method and keep ratio, speed-ups, paired Δ ms vs dense."""
     from hess.plots import latency_bars
 
+    df, paired, settings = compare(df, "latency")
     columns = {LATENCY_KEY: "end-to-end ms", GLOBAL_ATTN_KEY: "global attention ms", DENSITY_KEY: "realised density"}
     table = order(summary(df, ["method", "keep_ratio"], columns))
     dense = table[table["method"] == "dense"]
@@ -210,4 +300,6 @@ def latency(df: pd.DataFrame) -> Report:
     note = ("Times are medians over rounds (mean over scenes); each round times one forward of every method on every "
             "scene, interleaved, so that machine load affects all methods alike.  Global attention is the summed time "
             "of the global layers' attention cores inside the same forwards.  Compare within one table only.")
-    return Report(finish([markdown_table(table), note], notes), table, figures)
+    keys = {LATENCY_KEY: "e2e ms", GLOBAL_ATTN_KEY: "attention ms"}
+    parts = [markdown_table(table), note, *delta_parts(paired, table, settings["baselines"], keys)]
+    return Report(finish(parts, notes), table, figures, paired)
