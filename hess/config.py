@@ -94,6 +94,7 @@ class CalibSection(_Section):
     use_icp: bool = True
     seed: int = 1
     artifact: Optional[str] = None  # a precomputed score artifact; None = calibrate (cached)
+    allow_model_mismatch: bool = False  # use an artifact calibrated on other weights anyway (recorded)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from hess.evaluate import chamfer_after_sim3  # noqa: F401  (one definition; re-exported for callers)
 from hess.runtime import time_fn
+from hess.validate import check_finite
 
 POSE_THRESHOLDS = (15, 30)
 
@@ -129,6 +130,7 @@ def scene_metrics(model: nn.Module, scene: Any) -> tuple[dict[str, float], tuple
 
     gt = scene if "normalization" in scene.meta else normalize_scene(scene)
     geo = model.geometry(model(_images(model, scene)))
+    check_finite(geo, f"model output on scene {scene.scene_id}")
     rot, trans = relative_pose_errors(geo["extrinsics"][0].double(), gt.extrinsics.double())
     out = dict(pose_metrics(rot, trans, thresholds=POSE_THRESHOLDS))
     out = {k: out[k] for k in ("auc30", "auc15", "rra15", "rta15", "rra30", "rta30")}

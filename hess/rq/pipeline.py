@@ -223,7 +223,8 @@ def run_tracked(pipe: Pipeline, cfg: RunConfig, *, experiment: Optional[str] = N
     with track_run(cfg, experiment=experiment, root=root, group=group, extra_config=dict(extra or {})) as run:
         result = pipe.evaluate(cfg, timings)
         run.dir.update_meta(model_weights=result.info.get("weights"), model_source=result.info.get("source"),
-                            calibrated=result.info.get("calibrated"), layout=result.info.get("layout"))
+                            calibrated=result.info.get("calibrated"), layout=result.info.get("layout"),
+                            notes=list(pipe.resources.notes))  # e.g. calib.allow_model_mismatch used
         run.log_metrics({k: v for k, v in result.metrics.items() if not math.isnan(v)})
         run.log_records(result.records(run.run_id, cfg, extra))
         if result.blocks is not None:
