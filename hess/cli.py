@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     extra: dict[str, Any] = {"log.out_dir": args.out} if args.out else {}
     if args.no_wandb:
         extra["log.wandb_mode"] = "disabled"
-    return apply_overrides(cfg, extra)
+    from hess.validate import validate_config
+
+    return validate_config(apply_overrides(cfg, extra))
 
 
 def _config_only(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +143,7 @@ def build_parser(argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, Opt
     """
     parser = argparse.ArgumentParser(prog="hess", description="HeSS: head-wise sparse attention for 3D vision transformers.")
     parser.add_argument("--version", action="version", version=f"hess {hess.__version__}")
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     selected, run = _selected(argv), None
     for name in COMMANDS:
@@ -172,9 +176,32 @@ def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
 
 
+#: errors caused by the user's input (config, files, data): exit code 2 and the message alone
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+DEBUG_ENV = "HESS_DEBUG"
+
+
+def debug_requested(argv: Sequence[str] = ()) -> bool:
+    """``--debug`` on the command line or ``HESS_DEBUG=1`` in the environment: show tracebacks."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` for the user (a KeyError's text without its quotes; the type when empty)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.strip() or type(err).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``hess`` console script; returns the exit code."""
+    """Entry point of the ``hess`` console script; returns the exit code.
+
+    Every error ends as one message on stderr, never a traceback (``--debug`` / ``HESS_DEBUG=1`` re-raise):
+    exit code 2 for the user's input (``USER_ERRORS``, bad config, missing or malformed files), 1 for any
+    other failure, which names its type and how to see the traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
     parser, run = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
@@ -183,9 +210,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit
     try:
         return int(run(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:  # user errors: a message, not a traceback
-        print(f"hess {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"hess {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes a message, not a traceback
+        if debug:
+            raise
+        if isinstance(err, USER_ERRORS):
+            print(f"hess {args.command}: error: {error_line(err)}", file=sys.stderr)
+            return 2
+        print(f"hess {args.command}: error: {type(err).__name__}: {error_line(err)} "
+              f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class CalibSection(_Section):
     icp_max_points: Optional[int] = 4096
     points_source: Literal["point_head", "depth"] = "point_head"
     include_bias: bool = False
+    allow_model_mismatch: bool = False  # use an artifact calibrated on other weights anyway (recorded)
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,14 @@ def load_experiment(path: str | Path, preset: Optional[str] = None) -> Experimen
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"experiment file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}; fix the file (brackets, quotes, "
+                          "indentation)") from None
     where = str(path)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")

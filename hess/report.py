@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
+from hess.config import ConfigError
 from hess.results import load_results, write_atomic
 from hess.rq import heterogeneity  # noqa: F401  (registers the rq1 report)
 from hess.rq.tables import REPORTS, Report, rows_of
@@ -110,8 +111,9 @@ def write_reports(sources: Sequence[str | Path], out: str | Path, names: Optiona
     df = pd.concat(frames, ignore_index=True)
     present = sorted(df["rq.name"].dropna().unique()) if "rq.name" in df else []
     if not present:
-        raise ValueError(f"no experiment rows (column rq.name) in {', '.join(map(str, sources))}: "
-                         "hess report reads the run folders written by hess reproduce")
+        raise ConfigError(f"no experiment rows (column rq.name) in {', '.join(map(str, sources))}: hess report "
+                          "reads the run folders written by hess reproduce; read evaluate/sweep folders with "
+                          "hess.results.load_results (sweeps also write trials.csv)")
     unknown = [n for n in present if n not in REPORTS]
     if unknown:
         raise ValueError(f"no report builder for {unknown}; known: {', '.join(REPORTS.names())}")

@@ -155,10 +155,18 @@ class HeadScores:
         for p, what in ((path, "score artifact"), (side, "score sidecar (JSON)")):
             if not p.is_file():
                 raise FileNotFoundError(f"{what} {p} not found")
-        meta = json.loads(side.read_text())
-        if meta.get("format") != ARTIFACT_FORMAT:
-            raise ValueError(f"{side} is not a {ARTIFACT_FORMAT} sidecar (format={meta.get('format')!r})")
-        tensors = load_file(str(path))
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError as err:
+            raise ValueError(f"score sidecar {side} is not valid JSON ({err}); recompute it with hess calibrate") from None
+        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{side} is not a {ARTIFACT_FORMAT} sidecar (format={found!r})")
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # SafetensorError names neither the file nor the fix
+            raise ValueError(f"could not read score artifact {path} ({type(err).__name__}: {err}): truncated or "
+                             "not a safetensors file; recompute it with hess calibrate") from None
         if set(tensors) != {"traces"}:
             raise KeyError(f"{path} must hold exactly the key 'traces', found {sorted(tensors)}")
         if config_hash(meta["config"]) != meta["config_hash"]:

@@ -117,3 +117,52 @@ def baseline_params(space: SearchSpace, base: RunConfig,
         if not space[key].contains(value):
             raise ValueError(f"baseline value {value!r} of {key!r} is outside the search space {space[key]}")
     return params
+
+
+# ------------------------------------------------------------------------------ packaged spaces
+#: ``hess sweep --space NAME`` (``sweeps/spaces.py`` holds the same spaces as an editable example).
+#: Every space contains the default config's values (keep ratio 0.27, λ 0.5, iterative capping, 1 block,
+#: no CDF floor), so the uniform baseline (``score.scorer=uniform``) is a valid first trial.
+SWEEP_SCORERS = ("hess", "uniform", "random", "head-importance", "attention-entropy")
+SPACES: dict[str, dict[str, Param]] = {
+    # sparsity alone: the accuracy/density curve of the base scorer
+    "keep_ratio": {"budget.keep_ratio": Float(0.05, 0.6)},
+    # RQ4-style: how the camera/point mix interacts with sparsity
+    "lambda": {"budget.keep_ratio": Float(0.05, 0.6), "score.lam": Float(0.0, 1.0)},
+    # keep ratio, λ, capping, min blocks, CDF floor, scorer
+    "budget": {
+        "budget.keep_ratio": Float(0.05, 0.6),
+        "score.lam": Float(0.0, 1.0),
+        "budget.capping": Categorical(("iterative", "clip")),
+        "budget.min_blocks": Int(1, 4),
+        "sparse.cdf_threshold": Categorical((None, 0.8, 0.9, 0.95)),
+        "score.scorer": Categorical(SWEEP_SCORERS),
+    },
+}
+
+
+def space_identity(space: SearchSpace) -> dict[str, str]:
+    """A JSON-able description of ``space`` (key -> distribution repr): what a study stores to recognise it."""
+    return {key: repr(param) for key, param in sorted(space.items())}
+
+
+def resolve_space(spec: str) -> SearchSpace:
+    """``hess sweep --space``: a packaged name (``SPACES``) or ``FILE.py:NAME`` / ``MODULE:NAME``.
+
+    Raises ConfigError (one line) for an unknown name, a missing file or attribute, or an object that is
+    not a mapping of dotted keys to Float / Int / Categorical.
+    """
+    from hess.config import ConfigError
+    from hess.runtime import load_object
+
+    if spec in SPACES:
+        return SPACES[spec]
+    if ":" not in spec:
+        raise ConfigError(f"--space {spec!r}: unknown space; use one of {', '.join(SPACES)} or FILE.py:NAME / MODULE:NAME")
+    try:
+        space = load_object(spec)
+    except (AttributeError, ImportError, ValueError) as err:
+        raise ConfigError(f"--space {spec!r}: {err}; use one of {', '.join(SPACES)} or FILE.py:NAME / MODULE:NAME") from None
+    if not isinstance(space, Mapping) or not all(isinstance(p, (Float, Int, Categorical)) for p in space.values()):
+        raise ConfigError(f"--space {spec!r} is not a mapping of dotted config keys to Float / Int / Categorical")
+    return space

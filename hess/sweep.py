@@ -35,11 +35,15 @@ import optuna
 from optuna.trial import TrialState
 
 from hess.cli import add_config_arguments, config_from_args
-from hess.config import RunConfig, apply_overrides, flatten
+from hess.config import ConfigError, RunConfig, apply_overrides, flatten, to_dict
 from hess.registry import Registry
 from hess.runtime import load_object
 from hess.search_space import (  # noqa: F401  (the distributions stay importable from hess.sweep)
-    Categorical, Float, Int, Param, SearchSpace, baseline_params, check_space, suggest, to_wandb_parameters,
+    SPACES, Categorical, Float, Int, Param, SearchSpace, baseline_params, check_space, resolve_space, space_identity,
+    suggest, to_wandb_parameters,
+)
+from hess.sweep_study import (  # noqa: F401
+    SURPLUS_ATTR, TargetMissingError, check_identity, config_digest, reap_stale_trials, run_trials,
 )
 from hess.results import DENSITY_KEY, LATENCY_KEY, Record, finite_or_none, write_atomic, write_json
 from hess.tracking import track_run
@@ -62,7 +66,7 @@ class Target:
         metric, _, direction = text.rpartition(":")
         names = {"max": "maximize", "maximize": "maximize", "min": "minimize", "minimize": "minimize"}
         if not metric or direction not in names:
-            raise ValueError(f"target must look like METRIC:max or METRIC:min, got {text!r}")
+            raise ConfigError(f"--target must look like METRIC:max or METRIC:min (e.g. synthetic/auc30:max), got {text!r}")
         return cls(metric, names[direction])  # type: ignore[arg-type]
 
 
@@ -120,17 +124,25 @@ def _sqlite_engine_kwargs(url: str) -> dict[str, Any]:
 
 
 SAMPLERS: Registry[Callable[[Optional[int]], optuna.samplers.BaseSampler]] = Registry("sampler")
-SAMPLERS.register("tpe")(lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True))
+def _tpe(seed: Optional[int]) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+SAMPLERS.register("tpe")(_tpe)
 SAMPLERS.register("random")(lambda seed: optuna.samplers.RandomSampler(seed=seed))
 SAMPLERS.register("nsga2")(lambda seed: optuna.samplers.NSGAIISampler(seed=seed))
 
 
 def open_study(name: str, storage: Any, targets: Sequence[Target], *, sampler: Optional[optuna.samplers.BaseSampler] = None,
-               baseline: Optional[Mapping[str, Any]] = None) -> tuple[optuna.Study, bool]:
+               baseline: Optional[Mapping[str, Any]] = None, identity: Optional[Mapping[str, Any]] = None,
+               storage_url: str = "") -> tuple[optuna.Study, bool]:
     """Create the study, or load it if it exists (``load_if_exists`` semantics); returns (study, created).
 
     Only the creating process queues ``baseline``, so it runs once however many workers start or
-    restart.  A loaded study must have the same directions as ``targets``.
+    restart.  A loaded study must have the same directions as ``targets``, and the same ``identity``
+    (``study_identity``: targets, search space, objective) when one is given (``check_identity``).
     """
     directions = [t.direction for t in targets]
     try:
@@ -141,14 +153,48 @@ def open_study(name: str, storage: Any, targets: Sequence[Target], *, sampler: O
         created = False
         found = [d.name.lower() for d in study.directions]
         if found != directions:
-            raise ValueError(f"study {name!r} exists with directions {found}, not {directions}; use another --name")
+            raise ConfigError(f"study {name!r} exists with directions {found}, not {directions}; resume it with its own "
+                              "--target settings, or start a new study with another --name")
     if created:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([t.metric for t in targets])
         if baseline:
             study.enqueue_trial(dict(baseline), user_attrs={"baseline": True}, skip_if_exists=True)
+    if identity is not None:
+        check_identity(study, {"targets": [t.metric for t in targets], "directions": directions, **identity},
+                       created, storage_url=storage_url)
     return study, created
+
+
+def study_identity(space: SearchSpace, objective: str, base: Optional[RunConfig] = None) -> dict[str, Any]:
+    """What a study stores about itself besides its targets: search space, objective, base config digest.
+
+    ``objective`` is named as given without the folder of a ``FILE.py`` (workers on other machines keep
+    the file elsewhere); the base config digest leaves out ``log`` and ``model.device`` (one GPU per worker).
+    """
+    target, _, attr = objective.rpartition(":")
+    name = f"{Path(target).name}:{attr}" if target.endswith(".py") else objective
+    out: dict[str, Any] = {"space": space_identity(space), "objective": name}
+    if base is not None:
+        data = {k: v for k, v in to_dict(base).items() if k != "log"}
+        data["model"] = {k: v for k, v in data["model"].items() if k != "device"}
+        out["base_config"] = config_digest(data)
+    return out
+
+
+def check_targets(targets: Sequence[Target], names: Optional[Any]) -> None:
+    """Every target is a metric the objective returns (``names``; None = not known before a trial)."""
+    import difflib
+
+    if names is None:
+        return
+    names = sorted(names)
+    for t in targets:
+        if t.metric not in names:
+            close = difflib.get_close_matches(t.metric, names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"--target {t.metric}: the objective returns no such metric; {hint}it returns {', '.join(names)}")
 
 
 def sampler_seed(seed: Optional[int], n_existing: int, worker: int = 0) -> Optional[int]:
@@ -207,7 +253,8 @@ class Objective:
     def _values(self, metrics: Mapping[str, float]) -> tuple[float, ...]:
         missing = [t.metric for t in self.targets if t.metric not in metrics]
         if missing:
-            raise KeyError(f"objective returned no {missing}; it returned {sorted(metrics)}")
+            raise TargetMissingError(f"objective returned no {missing}; it returned {sorted(metrics)}: fix --target "
+                                     "(the trial's parameters are queued again)")
         bad = [t.metric for t in self.targets if not math.isfinite(metrics[t.metric])]
         if bad:
             raise ValueError(f"target metric(s) {bad} are not finite: {[metrics[m] for m in bad]}")
@@ -227,30 +274,26 @@ def count_finished(study: optuna.Study) -> int:
 
 
 def run_sweep(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int, *,
-              catch: tuple[type[Exception], ...] = (), progress: bool = True) -> int:
-    """Run trials until the study holds ``n_trials`` finished (complete or pruned) trials in total.
+              catch: tuple[type[Exception], ...] = (), progress: bool = True,
+              sampler_for: Optional[Callable[[int], optuna.samplers.BaseSampler]] = None) -> int:
+    """Run trials until the study holds exactly ``n_trials`` finished (complete or pruned) trials in total.
 
-    Safe to call again after a crash (resume) and from several processes on one storage.
-    Returns the number of trials this call ran.
+    Safe to call again after a crash (resume: dead workers' RUNNING trials are failed and retried) and
+    from several processes on one storage (``hess.sweep_study.run_trials``).  ``sampler_for``: trial
+    number -> sampler (per-trial seeds, ``sampler_seed``).  Returns the number of trials this call ran.
     """
     from tqdm.auto import tqdm
 
     remaining = n_trials - count_finished(study)
     if remaining <= 0:
+        reap_stale_trials(study)
         return 0
     bar = tqdm(total=remaining, desc=f"sweep {study.study_name}", unit="trial", disable=not progress or None)
-    stop = optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)
-    ran = []
-
-    def tick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        ran.append(trial.number)
-        bar.update(1)
-
     try:
-        study.optimize(objective, n_trials=remaining, catch=catch, gc_after_trial=False, callbacks=[stop, tick])
+        return run_trials(study, objective, n_trials, catch=catch, sampler_for=sampler_for,
+                          on_trial=lambda trial: bar.update(1))
     finally:
         bar.close()
-    return len(ran)
 
 
 def export_study(study: optuna.Study, targets: Sequence[Target], out_dir: str | Path, *, plots: bool = False) -> dict[str, Path]:
@@ -261,6 +304,9 @@ def export_study(study: optuna.Study, targets: Sequence[Target], out_dir: str | 
     names = [t.metric for t in targets]
     paths = {"trials": out / "trials.csv"}
     trials = study.trials_dataframe()
+    surplus = f"user_attrs_{SURPLUS_ATTR}"
+    if surplus in trials:  # created in a race for the last slot and never run
+        trials = trials[trials[surplus] != True].drop(columns=[surplus])  # noqa: E712
     write_atomic(paths["trials"], lambda tmp: trials.to_csv(tmp, index=False))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if complete and len(targets) == 1:
@@ -306,26 +352,55 @@ def _plots(study: optuna.Study, names: Sequence[str], out: Path) -> dict[str, Pa
 
 
 # ------------------------------------------------------------------------------------------ CLI
+DEFAULT_OBJECTIVE = "hess.objective:evaluate_metrics"
+OUT_ENV = "HESS_OUT"
+
+
+def default_out_dir(cwd: Optional[Path] = None) -> Path:
+    """Where ``hess sweep`` writes without ``--out``: ``$HESS_OUT``, else ``ablations/outputs`` inside a clone
+    of the repository (the working directory holds ``ablations/configs``), else ``./hess-outputs``."""
+    import os
+
+    cwd = Path.cwd() if cwd is None else cwd
+    if os.environ.get(OUT_ENV):
+        return Path(os.environ[OUT_ENV]).expanduser()
+    return cwd / "ablations" / "outputs" if (cwd / "ablations" / "configs").is_dir() else cwd / "hess-outputs"
+
+
+def resolve_objective(spec: str) -> Callable[[RunConfig], Mapping[str, float]]:
+    """``--objective``: ``MODULE:NAME`` or ``FILE.py:NAME`` of a callable ``(cfg) -> {metric: value}``."""
+    try:
+        fn = load_object(spec)
+    except (AttributeError, ImportError, ValueError) as err:
+        raise ConfigError(f"--objective {spec!r}: {err}; give MODULE:NAME or FILE.py:NAME "
+                          f"(default {DEFAULT_OBJECTIVE})") from None
+    if not callable(fn):
+        raise ConfigError(f"--objective {spec!r} is a {type(fn).__name__}, not a function (cfg) -> {{metric: value}}")
+    return fn
+
+
 def configure_cli(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``hess sweep``."""
     add_config_arguments(parser)
     parser.add_argument("--name", required=True, help="study name (also the folder <out>/sweeps/<name>/)")
-    parser.add_argument("--space", default="sweeps/spaces.py:BUDGET", help="search space, FILE.py:NAME or MODULE:NAME")
-    parser.add_argument("--objective", default="sweeps/objective.py:evaluate_metrics",
-                        help="evaluation function (cfg) -> {metric: value}, FILE.py:NAME or MODULE:NAME")
+    parser.add_argument("--space", default="budget",
+                        help=f"search space: {' | '.join(SPACES)} (packaged), FILE.py:NAME or MODULE:NAME (default budget)")
+    parser.add_argument("--objective", default=DEFAULT_OBJECTIVE,
+                        help=f"evaluation function (cfg) -> {{metric: value}}, FILE.py:NAME or MODULE:NAME (default {DEFAULT_OBJECTIVE})")
     parser.add_argument("--target", action="append", metavar="METRIC:max|min",
                         help="repeat for multi-objective (default synthetic/auc30:max)")
-    parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study should hold in total")
-    parser.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///<out>/sweeps/<name>.db)")
+    parser.add_argument("--n-trials", type=int, default=20, help="finished trials the study holds in total (exact, all workers)")
+    parser.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user@host/db for many machines "
+                        "(default sqlite:///<out>/sweeps/<name>.db)")
     parser.add_argument("--sampler", default="tpe", choices=SAMPLERS.names())
-    parser.add_argument("--seed", type=int, help="sampler seed (mixed with the trial count on resume; "
-                        "concurrent workers given a seed need distinct --worker values)")
+    parser.add_argument("--seed", type=int, help="sampler seed; each trial's sampler is seeded from (seed, trial number, "
+                        "--worker), so workers sharing a seed never propose the same parameters")
     parser.add_argument("--worker", type=int, default=0, help="worker index, mixed into the seed")
     parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
                         help="baseline trial values (default score.scorer=uniform where the space has it)")
     parser.add_argument("--no-baseline", action="store_true", help="do not queue a baseline trial")
     parser.add_argument("--heartbeat", type=int, default=10, help="heartbeat interval, seconds")
-    parser.add_argument("--grace", type=int, help="seconds without heartbeat before a trial is failed")
+    parser.add_argument("--grace", type=int, help="seconds without heartbeat before a trial is failed (default 3 x heartbeat)")
     parser.add_argument("--max-retry", type=int, default=1, help="re-runs of a crashed trial")
     parser.add_argument("--export-only", action="store_true", help="only export trials/Pareto front")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -333,23 +408,35 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``hess sweep``: open/resume the study, run trials, export results."""
+    """``hess sweep``: check the settings, open/resume the study, run trials, export results."""
+    from hess.config import LogSection
+
+    if args.n_trials < 1:
+        raise ConfigError(f"--n-trials must be >= 1, got {args.n_trials}")
     cfg = config_from_args(args)
+    if not args.out and cfg.log.out_dir == LogSection.out_dir:
+        cfg = apply_overrides(cfg, {"log.out_dir": str(default_out_dir())})
     targets = [Target.parse(t) for t in (args.target or ["synthetic/auc30:max"])]
-    space = load_object(args.space)
-    optuna.logging.set_verbosity(logging.WARNING)
-    storage = make_storage(args.storage or default_storage_url(cfg.log.out_dir, args.name),
-                           heartbeat_interval=args.heartbeat, grace_period=args.grace, max_retry=args.max_retry)
+    space = resolve_space(args.space)
+    check_space(space, cfg)
+    evaluate_fn = resolve_objective(args.objective)
+    names = getattr(evaluate_fn, "metric_names", None)
+    check_targets(targets, names(cfg) if callable(names) else names)  # before any trial or study exists
     baseline = None
     if not args.no_baseline:
         baseline = baseline_params(space, cfg, _baseline_overrides(args.baseline))
-    study, created = open_study(args.name, storage, targets, baseline=baseline)
-    started = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
-    study.sampler = SAMPLERS.get(args.sampler)(sampler_seed(args.seed, len(started), args.worker))
+    optuna.logging.set_verbosity(logging.WARNING)
+    url = args.storage or default_storage_url(cfg.log.out_dir, args.name)
+    storage = make_storage(url, heartbeat_interval=args.heartbeat, grace_period=args.grace, max_retry=args.max_retry)
+    study, created = open_study(args.name, storage, targets, baseline=baseline, storage_url=url,
+                                identity=study_identity(space, args.objective, cfg))
+    make = SAMPLERS.get(args.sampler)
+    study.sampler = make(sampler_seed(args.seed, 0, args.worker))
     root = Path(cfg.log.out_dir) / "sweeps" / args.name
     if not args.export_only:
-        objective = Objective(load_object(args.objective), cfg, space, targets, study_name=args.name, root=root)
-        ran = run_sweep(study, objective, args.n_trials, progress=not args.no_progress)
+        objective = Objective(evaluate_fn, cfg, space, targets, study_name=args.name, root=root)
+        ran = run_sweep(study, objective, args.n_trials, progress=not args.no_progress,
+                        sampler_for=lambda number: make(sampler_seed(args.seed, number, args.worker)))
         print(f"sweep {args.name}: ran {ran} trial(s); {count_finished(study)} finished in total")
     for key, path in export_study(study, targets, root, plots=not args.no_plots).items():
         print(f"{key}: {path}")

@@ -23,42 +23,15 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import yaml
 
 from hess.config import RunConfig, apply_overrides, flatten_mapping
+from hess.objective import Evaluator  # noqa: F401  (re-exported: Evaluator(pipeline) for custom pipelines)
 from hess.experiment import load_experiment
 from hess.runtime import load_object
 from hess.tracking import track_run
 
-REPO = Path(__file__).resolve().parents[1]
-Pipeline = Callable[[RunConfig, dict], Mapping[str, float]]
 
 
-class Evaluator:
-    """``(cfg) -> {metric: value}`` holding loaded state across the trials of one process.
-
-    Args:
-        pipeline: ``(cfg, cache) -> metrics``; ``cache`` is a dict kept across calls where the
-            pipeline keeps what is expensive to load (model, scenes, score artifacts), keyed by the
-            config sections they depend on.  Default: ``run_config`` of ``ablations/run.py``, the
-            evaluation pipeline (config -> calibrate -> allocate -> sparsify -> evaluate).
-    """
-
-    def __init__(self, pipeline: Optional[Pipeline] = None) -> None:
-        self.pipeline = pipeline
-        self.cache: dict = {}
-
-    def __call__(self, cfg: RunConfig) -> dict[str, float]:
-        if self.pipeline is None:
-            self.pipeline = _default_pipeline()
-        return dict(self.pipeline(cfg, self.cache))
-
-
-def _default_pipeline() -> Pipeline:
-    path = REPO / "ablations" / "run.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"not available yet: needs {path.relative_to(REPO)} (run_config(cfg, cache) -> metrics), "
-                           "the evaluation pipeline; pass --objective MODULE:FUNCTION meanwhile")
-    return load_object(f"{path}:run_config")
-
-
+# The evaluation pipeline as a sweep objective ships in the package (``hess sweep``'s default
+# ``--objective hess.objective:evaluate_metrics``); this file re-exports it and is the W&B program.
 evaluate_metrics = Evaluator()
 
 

@@ -8,6 +8,9 @@ Output:   <out>/sweeps/<name>.db (Optuna), <out>/sweeps/<name>/{trials.csv, pare
           run directory per trial; sweeps/wandb/<name>.yaml hold the same spaces for W&B sweeps
           (tests/test_sweep.py checks that they agree).
 
+The same spaces ship inside the package (``hess.search_space.SPACES``: ``hess sweep --space budget``);
+this file is the example to copy and edit (``--space my_spaces.py:NAME``); tests check that they agree.
+
 Every space contains the base config's values (keep ratio 0.27, λ 0.5, iterative capping, 1 block, no
 CDF floor), so the uniform baseline (``score.scorer=uniform``) is a valid first trial.
 """

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from hess.config import ConfigError
 from hess.models.vggt import VGGT, build_vggt
 from hess.registry import Registry
 
@@ -74,18 +75,34 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return _finite(load_file(str(path), device="cpu"), path)
+        except Exception as err:  # SafetensorError names neither the file nor the fix
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"could not read checkpoint {path} ({type(err).__name__}: {err}): truncated or not a "
+                              "safetensors file; re-download or re-export it") from err
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state_dict (a dict of tensors, or {{'model': state_dict}})")
-    return dict(obj)
+    return _finite(dict(obj), path)
+
+
+def _finite(state_dict: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """``state_dict`` unchanged; ConfigError naming the first tensor holding NaN/Inf (corrupt weights)."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise ConfigError(f"checkpoint {path}: tensor {key!r} {tuple(value.shape)} holds {count} NaN/Inf "
+                              "value(s); the weights are corrupt: re-download or re-export them")
+    return state_dict
 
 
 def compare_state_dict(model: nn.Module, state_dict: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:

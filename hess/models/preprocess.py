@@ -22,8 +22,10 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from hess.config import ConfigError
 
 TARGET_SIZE = 518
 PATCH = 14
@@ -78,9 +80,13 @@ def _load_one(item: ImageInput, mode: str) -> Tensor:
         path = Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as img:
-            img.load()
-            return _resize_pil(img, _RESIZE_RULES[mode](*img.size))
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return _resize_pil(img, _RESIZE_RULES[mode](*img.size))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ConfigError(f"{path} is not an image that can be read ({type(err).__name__}); "
+                              "pass PNG or JPEG files only") from err
     if isinstance(item, Image.Image):
         return _resize_pil(item, _RESIZE_RULES[mode](*item.size))
     if isinstance(item, np.ndarray):

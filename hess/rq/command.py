@@ -25,12 +25,17 @@ def resolve(args: argparse.Namespace) -> RunConfig:
     if args.preset is not None and args.preset not in SIZING:
         raise ConfigError(f"unknown preset {args.preset!r}; known: {', '.join(SIZING)}")
     file_preset, sizing = SIZING[args.preset] if args.preset else (None, {})
+    if args.preset and not sizing and not args.config:
+        raise ConfigError(f"--preset {args.preset} changes nothing without --config (its settings live in the "
+                          "experiment files): add --config ablations/configs/<experiment>.yaml")
     cfg = load_experiment(args.config, file_preset).config if args.config else RunConfig()
     cfg = apply_overrides(apply_overrides(cfg, sizing), list(args.overrides or []))
     extra = {"log.out_dir": args.out} if args.out else {}
     if args.no_wandb:
         extra["log.wandb_mode"] = "disabled"
-    return apply_overrides(cfg, extra)
+    from hess.validate import validate_config
+
+    return validate_config(apply_overrides(cfg, extra))
 
 
 def plan_text(cfg: RunConfig) -> str:

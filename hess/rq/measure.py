@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from hess.evaluate import chamfer_after_sim3  # noqa: F401  (one definition; re-exported for callers)
 from hess.runtime import time_fn
+from hess.validate import check_finite
 
 POSE_THRESHOLDS = (15, 30)
 
@@ -189,6 +190,7 @@ def scene_metrics(model: nn.Module, scene: Any, metrics: Any = ("pose", "points"
     groups = metric_groups(metrics)
     gt = scene if "normalization" in scene.meta else normalize_scene(scene)
     geo = model.geometry(model(_images(model, scene)))
+    check_finite(geo, f"model output on scene {scene.scene_id}")
     rot, trans = relative_pose_errors(geo["extrinsics"][0].double(), gt.extrinsics.double())
     pose = pose_metrics(rot, trans, thresholds=POSE_THRESHOLDS)
     out = {k: pose[k] for k in METRIC_GROUPS["pose"]}

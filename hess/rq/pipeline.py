@@ -261,7 +261,8 @@ def run_tracked(pipe: Pipeline, cfg: RunConfig, *, experiment: Optional[str] = N
                             calibrated=result.info.get("calibrated"), layout=result.info.get("layout"),
                             layouts=result.info.get("layouts"), protocol=result.info.get("protocol"),
                             num_key_blocks_per_scene=result.info.get("num_key_blocks_per_scene"),
-                            pose_per_category=result.info.get("pose_per_category"))
+                            pose_per_category=result.info.get("pose_per_category"),
+                            notes=list(pipe.resources.notes))  # e.g. calib.allow_model_mismatch used
         run.log_metrics({k: v for k, v in result.metrics.items() if not math.isnan(v)})
         run.log_records(result.records(run.run_id, cfg, extra))
         if result.blocks is not None:

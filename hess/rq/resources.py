@@ -221,6 +221,7 @@ class Resources:
         self.progress = progress
         self._memo: dict[str, Any] = {}
         self.calibrations_computed = 0  # calibrations actually run (not read from cache)
+        self.notes: list[str] = []  # warnings to record with the run (e.g. an artifact of other weights)
 
     def _get(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._memo:
@@ -279,7 +280,15 @@ class Resources:
         from hess.scoring import HeadScores, cached_calibration
 
         if cfg.calib.artifact:
-            return self._get(_key("artifact", cfg.calib.artifact), lambda: HeadScores.load(cfg.calib.artifact))
+            scores = self._get(_key("artifact", cfg.calib.artifact), lambda: HeadScores.load(cfg.calib.artifact))
+            from hess.validate import check_artifact_model
+
+            note = check_artifact_model(cfg.calib.artifact, scores.model_hash, self.fingerprint(cfg.model),
+                                        cfg.calib.allow_model_mismatch)
+            if note:
+                warnings.warn(note, stacklevel=2)
+                self.notes.append(note)
+            return scores
         scenes = self.calib_scenes(cfg.data, cfg.calib)
         config = calib_config(cfg.calib, self.progress, self.device_type(cfg.model))
         key = {"calib": config.key(), "scenes": [s.scene_id for s in scenes], "model": self.fingerprint(cfg.model),
