@@ -24,7 +24,9 @@ from hess.attention import (
     select_blocks,
 )
 from hess.attention.flex_backend import build_block_mask, flex_patch_attention
-from hess.attention.xformers_backend import pack_rows
+from hess.attention.xformers_backend import (
+    CHUNK_BYTES, iter_packed, pack_chunk, row_chunks, row_key_lengths, xformers_patch_attention,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -237,19 +239,65 @@ def test_compiled_flex_matches_reference(shape, cdf):
     assert (out - ref).abs().max() <= 1e-5
 
 
-def test_xformers_packing_matches_reference():
-    """The packed rows + block-diagonal lengths xformers receives, run through SDPA with the same mask."""
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 20_000])
+def test_xformers_packing_matches_reference(shape, chunk_bytes):
+    """The chunked packing xformers receives, run through the CPU kernel (SDPA, block-diagonal mask):
+    one chunk, one row per chunk, and a few rows per chunk give the reference output."""
+    q, k, v, kw = case(shape, "per-head")
+    ref, sel = head_sparse_attention(q, k, v, backend="reference", return_selection=True, **kw)
+    fn = partial(xformers_patch_attention, kernel="torch", chunk_bytes=chunk_bytes)
+    out = attend_with_specials(tokens_of(q, k, v, kw), sel, fn)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_xformers_packing_by_hand():
+    """S=1, P=6, n_s=1 (N_p=5), q_block=3, k_block=2: table = [pad, special | p0 p1 | p2 p3 | p4 pad]."""
+    q, k = hand_case()
+    kw = dict(tokens_per_frame=6, num_special=1, q_block=3, k_block=2)
+    sel = select_blocks(q, k, blocks_per_head=torch.tensor([2]), **kw)
+    # rows keep blocks {0, 2} and {0, 1} (test above): keys = special, then the valid rows of those blocks
+    chunk = pack_chunk(sel, 0, 2)
+    assert chunk.kv_lens == [1 + 2 + 1, 1 + 2 + 2]
+    assert chunk.key_index.tolist() == [1, 2, 3, 6, 1, 2, 3, 4, 5]
+    assert row_key_lengths(sel).tolist() == [4, 5]
+    assert [(c.start, c.end) for c in iter_packed(sel, 2, 4, chunk_bytes=5 * (2 * 2 * 4 + 8))] == [(0, 1), (1, 2)]
+
+
+def test_xformers_chunks_bound_the_packed_keys():
+    """Chunks are consecutive, cover every row once, and stay within the key budget (one row may exceed it)."""
+    lengths = torch.tensor([5, 3, 9, 2, 2, 20, 1])
+    chunks = row_chunks(lengths, 10)
+    assert chunks == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7)]
+    q, k, v, kw = case(SHAPES[4], None)  # S = 20 frames: many rows
+    sel = select_blocks(q, k, **kw)
+    per_key = 2 * q.shape[-1] * q.element_size() + 8
+    budget = per_key * 150
+    packed = list(iter_packed(sel, q.shape[-1], q.element_size(), budget))
+    assert len(packed) > 1 and packed[0].start == 0 and packed[-1].end == sel.block_mask.numel() // sel.n_k
+    assert all(a.end == b.start for a, b in zip(packed, packed[1:]))
+    assert all(c.key_index.numel() * per_key <= budget or c.end - c.start == 1 for c in packed)
+    assert CHUNK_BYTES >= 1 << 20
+
+
+def test_xformers_block_diagonal_mask_semantics_on_cpu():
+    """xformers' own BlockDiagonalMask (plain Python on CPU), materialised, gives the reference output."""
+    fmha = pytest.importorskip("xformers.ops.fmha", reason="xformers not installed")
     q, k, v, kw = case(SHAPES[1], "per-head")
     ref, sel = head_sparse_attention(q, k, v, backend="reference", return_selection=True, **kw)
 
-    def via_sdpa(tokens, sel):
-        qq, kk, vv, q_lens, kv_lens = pack_rows(tokens, sel)
-        q_seq = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
-        kv_seq = torch.repeat_interleave(torch.arange(len(kv_lens)), torch.tensor(kv_lens))
-        out = F.scaled_dot_product_attention(qq[None], kk[None], vv[None], attn_mask=q_seq[:, None] == kv_seq[None])
-        return out[0].view(tokens.q_patch.shape)
+    def kernel(qq, kk, vv, q_lens, kv_lens, scale):
+        bias = fmha.BlockDiagonalMask.from_seqlens(q_seqlen=q_lens, kv_seqlen=kv_lens)
+        mask = bias.materialize((qq.shape[0], kk.shape[0]), dtype=qq.dtype)
+        return F.scaled_dot_product_attention(qq[None], kk[None], vv[None], attn_mask=mask, scale=scale)[0]
 
-    out = attend_with_specials(tokens_of(q, k, v, kw), sel, via_sdpa)
+    import hess.attention.xformers_backend as xb
+    xb.KERNELS.register("test-materialised")(kernel)
+    try:
+        fn = partial(xformers_patch_attention, kernel="test-materialised", chunk_bytes=20_000)
+        out = attend_with_specials(tokens_of(q, k, v, kw), sel, fn)
+    finally:
+        xb.KERNELS._items.pop("test-materialised", None)
     assert (out - ref).abs().max() <= 1e-5
 
 

@@ -8,11 +8,15 @@ reference frame apart).  Frame blocks see ``[B·S, P, C]``; global blocks see th
 ``num_special=patch_start_idx`` (see ``hess.models.layers``).
 
 Output of ``forward``: a list with one ``[B, S, P, 2C]`` tensor per (frame, global) block pair,
-``cat(frame_out_i, global_out_i, -1)``, and ``patch_start_idx``.
+``cat(frame_out_i, global_out_i, -1)``, and ``patch_start_idx``.  ``forward(images, layers=...)``
+builds only the listed entries and leaves ``None`` in the others (their block outputs are freed as the
+trunk moves on): VGGT's heads read 4 of the 24 (DPT) plus the last (camera), so inference keeps 4 of
+24 ``[B, S, P, 2C]`` tensors (``VGGT.head_layers``); ``layers=None`` (the default) keeps every one, as
+the official model and the parity fixtures do.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -200,10 +204,17 @@ class Aggregator(nn.Module):
                 outs.append(x.view(B, S, P, C))
         return outs
 
-    def forward(self, images: Tensor) -> tuple[list[Tensor], int]:
-        """images: [B, S, 3, H, W] in [0, 1] → (``depth`` tensors [B, S, P, 2C], patch_start_idx)."""
+    def forward(
+        self, images: Tensor, layers: Optional[Iterable[int]] = None
+    ) -> tuple[list[Optional[Tensor]], int]:
+        """images: [B, S, 3, H, W] in [0, 1] → (``depth`` entries [B, S, P, 2C], patch_start_idx).
+
+        ``layers``: indices (negative ones count from the end) of the entries to build; the others are
+        ``None``.  ``None`` (default): all ``depth`` entries.
+        """
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be [B, S, 3, H, W], got {tuple(images.shape)}")
+        keep = self._kept_layers(layers)
         B, S, _, H, W = images.shape
         patches = self.embed_patches(images)  # [B*S, P_img, C]
         camera = expand_special_tokens(self.camera_token, B, S).to(patches.dtype)
@@ -213,12 +224,26 @@ class Aggregator(nn.Module):
         tokens = tokens.view(B, S, P, C)
         pos = self._positions(B, S, H, W, images.device)
 
-        output: list[Tensor] = []
+        output: list[Optional[Tensor]] = []
         for group in range(self.aa_block_num):
             start = group * self.aa_block_size
             outs: dict[str, list[Tensor]] = {}
             for kind in self.aa_order:
                 outs[kind] = self._attend(kind, tokens, pos, B, S, start)
                 tokens = outs[kind][-1]
-            output.extend(torch.cat([f, g], dim=-1) for f, g in zip(outs["frame"], outs["global"]))
+            output.extend(
+                torch.cat([f, g], dim=-1) if start + i in keep else None
+                for i, (f, g) in enumerate(zip(outs["frame"], outs["global"]))
+            )
+            del outs  # unkept block outputs are freed here (autograd keeps what backward needs)
         return output, self.patch_start_idx
+
+    def _kept_layers(self, layers: Optional[Iterable[int]]) -> frozenset[int]:
+        if layers is None:
+            return frozenset(range(self.depth))
+        kept = set()
+        for i in layers:
+            if not isinstance(i, int) or isinstance(i, bool) or not -self.depth <= i < self.depth:
+                raise ValueError(f"aggregator layers must be integers in [-{self.depth}, {self.depth}), got {i!r}")
+            kept.add(i % self.depth)
+        return frozenset(kept)

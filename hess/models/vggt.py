@@ -92,7 +92,20 @@ class VGGT(nn.Module):
 
     Attribute order (aggregator, camera, point, depth, track) reproduces the official state_dict order.
     Disabled heads are ``None`` and own no keys.
+
+    Activation memory: ``forward`` asks the aggregator only for the layers the enabled heads read
+    (:meth:`head_layers`: the DPT heads' ``intermediate_layer_idx`` and the camera head's last layer;
+    4 of 24 for VGGT-1B), so the other ``[B, S, P, 2C]`` outputs are never kept.  Set
+    ``keep_all_layers = True`` (or pass ``forward(..., keep_all_layers=True)``) to build all of them as
+    the official model does; the predictions are identical either way, gradients too (unread layers
+    take no part in any head).  The depth and point heads run ``head_frames_chunk_size`` frames at a
+    time (official: 8): their full-resolution feature maps (~0.3 GB per frame for VGGT-1B at 518×392 in
+    fp32) otherwise dominate the peak once the aggregator outputs are trimmed.  Every frame is computed
+    alone in the heads, so the chunk size changes memory, not the predictions.
     """
+
+    keep_all_layers: bool = False
+    head_frames_chunk_size: int = 2
 
     def __init__(
         self,
@@ -125,6 +138,19 @@ class VGGT(nn.Module):
         """The ``.attn`` of every global block, in order (where sparse cores are plugged in)."""
         return self.aggregator.global_attention_layers()
 
+    def head_layers(self, track: bool = False) -> list[int]:
+        """Sorted aggregator layer indices the enabled heads read (``track``: the track head runs too)."""
+        depth, layers = self.aggregator.depth, set()
+        if self.camera_head is not None:
+            layers.add(depth - 1)
+        dpt = [self.depth_head, self.point_head]
+        if track and self.track_head is not None:
+            dpt.append(getattr(self.track_head, "feature_extractor", None))
+        for head in dpt:
+            if head is not None:
+                layers.update(i % depth for i in getattr(head, "intermediate_layer_idx", range(depth)))
+        return sorted(layers)
+
     # ---- forward --------------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> Tensor:
         return check_images(images, self.patch_size, "VGGT")
@@ -141,12 +167,16 @@ class VGGT(nn.Module):
             raise ValueError(f"query_points batch {query_points.shape[0]} != images batch {batch}")
         return query_points
 
-    def forward(self, images: Tensor, query_points: Optional[Tensor] = None) -> dict[str, Any]:
+    def forward(
+        self, images: Tensor, query_points: Optional[Tensor] = None, *, keep_all_layers: Optional[bool] = None
+    ) -> dict[str, Any]:
         """Run the aggregator and every enabled head.
 
         Args:
             images: [S, 3, H, W] or [B, S, 3, H, W] in [0, 1]; H, W multiples of the patch size.
             query_points: [N, 2] or [B, N, 2] pixel (x, y) on frame 0, for the track head.
+            keep_all_layers: build every aggregator output, not only those the heads read (default:
+                the attribute ``keep_all_layers``, False).
         Returns:
             ``pose_enc [B, S, 9]`` and ``pose_enc_list`` (one per camera iteration); ``depth [B, S, H, W, 1]``,
             ``depth_conf [B, S, H, W]``; ``world_points [B, S, H, W, 3]``, ``world_points_conf [B, S, H, W]``;
@@ -156,8 +186,11 @@ class VGGT(nn.Module):
         images = self._check_images(images)
         if query_points is not None:
             query_points = self._check_query_points(query_points, images.shape[0])
-        tokens, patch_start_idx = self.aggregator(images)
+        keep_all = self.keep_all_layers if keep_all_layers is None else keep_all_layers
+        layers = None if keep_all else self.head_layers(track=query_points is not None)
+        tokens, patch_start_idx = self.aggregator(images, layers=layers)
         preds: dict[str, Any] = {}
+        chunk = self.head_frames_chunk_size
         # Official: dense heads in fp32 even under CUDA autocast; the track head outside that block.
         no_cuda_amp = torch.autocast("cuda", enabled=False) if images.is_cuda else contextlib.nullcontext()
         with no_cuda_amp:
@@ -167,11 +200,11 @@ class VGGT(nn.Module):
                 preds["pose_enc_list"] = pose_enc_list
             if self.depth_head is not None:
                 preds["depth"], preds["depth_conf"] = self.depth_head(
-                    tokens, images=images, patch_start_idx=patch_start_idx
+                    tokens, images=images, patch_start_idx=patch_start_idx, frames_chunk_size=chunk
                 )
             if self.point_head is not None:
                 preds["world_points"], preds["world_points_conf"] = self.point_head(
-                    tokens, images=images, patch_start_idx=patch_start_idx
+                    tokens, images=images, patch_start_idx=patch_start_idx, frames_chunk_size=chunk
                 )
         if self.track_head is not None and query_points is not None:
             track_list, vis, conf = self.track_head(
