@@ -393,14 +393,15 @@ def fixed_target_errors(config: CalibConfig, chamfer_points: int = 4096) -> tupl
 def score_heads(name: str, model: nn.Module, scenes: Sequence[Scene], config: CalibConfig, *,
                 head_scores: Optional[HeadScores] = None, lam: float = 0.5, proj: str = "q",
                 normalize: bool = True, seed: int = 0, keep_ratio: float = 0.25, min_blocks: int = 1,
-                q_block: int = 128, k_block: int = 64) -> Tensor:
+                q_block: int = 128, k_block: int = 64, cache_dir: Optional[str | Path] = None) -> Tensor:
     """Run scorer ``name`` of ``SCORERS`` with the calibration objective; returns [L, H].
 
-    ``keep_ratio``, ``min_blocks``, ``q_block``, ``k_block``: the sparsity the ``oracle`` scorer probes.
+    ``keep_ratio``, ``min_blocks``, ``q_block``, ``k_block``: the sparsity the ``oracle`` scorer probes (and
+    ``sparsity-taylor`` estimates); ``cache_dir``: where ``sparsity-taylor`` caches its artifacts.
     """
     if config.max_frames is not None:  # so that model-only scorers see the same frames as the error
         scenes = [prepare_scene(s, config, _device(model, config)) for s in scenes]
     ctx = ScoreContext(head_scores=head_scores, model=model, scenes=scenes, error_fn=calibration_error_fn(config, lam),
                        lam=lam, proj=proj, normalize=normalize, seed=seed, keep_ratio=keep_ratio, min_blocks=min_blocks,
-                       q_block=q_block, k_block=k_block)
+                       q_block=q_block, k_block=k_block, calib=config, cache_dir=cache_dir)
     return SCORERS.get(name)(ctx)

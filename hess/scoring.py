@@ -211,7 +211,10 @@ class ScoreContext:
         model, scenes: for the model-based scorers.
         error_fn: ``(model, scene) -> []`` calibration error (``head-importance``, ``oracle``).
         lam, proj, normalize: HeSS read-out options.
-        seed: for ``random``.  keep_ratio, min_blocks, q_block, k_block: the sparsity the ``oracle`` probes.
+        seed: for ``random``.  keep_ratio, min_blocks, q_block, k_block: the sparsity the ``oracle`` probes
+            and ``sparsity-taylor`` estimates.
+        calib: the ``hess.calibrate.CalibConfig`` of the errors (``sparsity-taylor``; defaults when None).
+        cache_dir: where ``sparsity-taylor`` caches its artifacts (None: not cached on disk).
     """
 
     head_scores: Optional[HeadScores] = None
@@ -227,6 +230,8 @@ class ScoreContext:
     min_blocks: int = 1
     q_block: int = 128
     k_block: int = 64
+    calib: Any = None
+    cache_dir: Optional[str | Path] = None
 
     def need(self, scorer: str, *names: str) -> None:
         missing = [n for n in names if getattr(self, n) is None or (n == "scenes" and len(self.scenes) == 0)]
@@ -251,6 +256,8 @@ SCORERS: Registry[Callable[[ScoreContext], Tensor]] = Registry("scorer")
 def hess_scores(ctx: ScoreContext) -> Tensor:
     """HeSS from the calibrated traces: ``ctx.head_scores.hess(ctx.lam, ctx.proj, ctx.normalize)``."""
     ctx.need("hess", "head_scores")
+    if ctx.head_scores.meta.get("kind", "hess") != "hess":
+        raise ValueError(f"scorer 'hess' got a {ctx.head_scores.meta['kind']!r} artifact, not HeSS traces")
     return ctx.head_scores.hess(lam=ctx.lam, proj=ctx.proj, normalize=ctx.normalize)
 
 
@@ -311,3 +318,28 @@ def oracle_scores(ctx: ScoreContext) -> Tensor:
     if (delta < 0).any():
         warnings.warn(f"oracle: {int((delta < 0).sum())} heads lower the error when sparsified; clamped to 0")
     return delta.clamp_min(0.0)
+
+
+def _sparsity_taylor(ctx: ScoreContext, variant: str) -> Tensor:
+    from hess.calibrate import CalibConfig
+    from hess.taylor import cached_taylor, taylor_readout
+
+    ctx.need("sparsity-taylor", "model", "scenes")
+    config = ctx.calib if ctx.calib is not None else CalibConfig(progress=False)
+    cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else None
+    art = cached_taylor(cache, ctx.model, ctx.scenes, config, keep_ratio=ctx.keep_ratio, min_blocks=ctx.min_blocks,
+                        q_block=ctx.q_block, k_block=ctx.k_block)
+    return taylor_readout(art, variant, lam=ctx.lam, normalize=ctx.normalize)
+
+
+@SCORERS.register("sparsity-taylor")
+def sparsity_taylor_scores(ctx: ScoreContext) -> Tensor:
+    """``E_scenes |⟨∂e/∂O_h, O_h^sparse − O_h^dense⟩|`` per error at ``ctx.keep_ratio``, normalised per layer and
+    λ-mixed as HeSS (``hess.taylor``; artifact cached in ``ctx.cache_dir`` with the budget in its key)."""
+    return _sparsity_taylor(ctx, "abs")
+
+
+@SCORERS.register("sparsity-taylor-sq")
+def sparsity_taylor_sq_scores(ctx: ScoreContext) -> Tensor:
+    """The squared variant of ``sparsity-taylor``: ``E_scenes ⟨∂e/∂O_h, ΔO_h⟩²``."""
+    return _sparsity_taylor(ctx, "squared")

@@ -312,10 +312,11 @@ class Resources:
         name = cfg.score.scorer
         model, _ = self.model(cfg.model)
         needs_traces = name in ("hess", "inverted-hess")
-        needs_scenes = name in ("head-importance", "attention-entropy", "oracle")
+        per_budget = name in ("oracle", "sparsity-taylor", "sparsity-taylor-sq")  # scores depend on the budget
+        needs_scenes = name in ("head-importance", "attention-entropy") or per_budget
         key = _key("scores", name, cfg.model, cfg.score, cfg.calib.proj,
                    (cfg.budget.keep_ratio, cfg.budget.min_blocks, cfg.sparse.q_block, cfg.sparse.k_block)
-                   if name == "oracle" else None,
+                   if per_budget else None,
                    cfg.calib if needs_traces or needs_scenes else None)
 
         def make() -> Tensor:
@@ -326,6 +327,8 @@ class Resources:
                                lam=cfg.score.lam, proj=cfg.calib.proj, normalize=cfg.score.normalize,
                                seed=cfg.score.seed, keep_ratio=cfg.budget.keep_ratio,
                                min_blocks=cfg.budget.min_blocks, q_block=cfg.sparse.q_block,
-                               k_block=cfg.sparse.k_block).detach().to("cpu", torch.float64)
+                               k_block=cfg.sparse.k_block,
+                               cache_dir=self.cache_dir / "sparsity_taylor" if self.cache_dir is not None else None,
+                               ).detach().to("cpu", torch.float64)
 
         return self._get(key, make)
