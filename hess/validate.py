@@ -30,6 +30,16 @@ PATCH_SIZE = 14  # every model family here (VGGT, π³, hess-tiny) patchifies wi
 #: chamfer (accuracy, completeness) that the defaults list
 EVAL_METRICS = ("auc30", "auc15", "rra15", "rta15", "rra30", "rta30", "chamfer", "point_err", "chamfer_f0",
                 "abs_rel", "acc", "comp")
+
+
+def eval_metric_names() -> tuple[str, ...]:
+    """What ``eval.metrics`` may name: the groups of ``hess.rq.measure.METRIC_GROUPS`` and their metrics."""
+    from hess.rq.measure import METRIC_GROUPS
+
+    names = dict.fromkeys([*METRIC_GROUPS, *(k for keys in METRIC_GROUPS.values() for k in keys), *EVAL_METRICS])
+    return tuple(names)
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_HEADER = 100 * 2**20
 
@@ -82,9 +92,10 @@ def _names(cfg: RunConfig) -> list[str]:
     out += _unknown("data.dataset", cfg.data.dataset, SCENE_SOURCES.names())
     if not cfg.model.checkpoint:
         out += _unknown("model.name", cfg.model.name, known_models() | FULL_SIZE)
-    bad = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
+    known = eval_metric_names()
+    bad = [m for m in cfg.eval.metrics if m not in known]
     if bad:
-        out.append(f"eval.metrics: unknown metric(s) {', '.join(map(repr, bad))}; known: {', '.join(EVAL_METRICS)}")
+        out.append(f"eval.metrics: unknown metric(s) {', '.join(map(repr, bad))}; known: {', '.join(known)}")
     return out
 
 
