@@ -28,13 +28,7 @@ TINY_PI3 = {
                            need_project=True, use_checkpoint=False),
     "camera_head": dict(dim=16),
 }
-TINY_VGGT = {
-    "aggregator": dict(img_size=42, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_register_tokens=1,
-                       patch_embed="conv", init_values=1.0),
-    "camera_head": dict(trunk_depth=1, num_heads=2, init_values=1.0),
-    "point_head": dict(features=8, out_channels=[8, 8, 8, 8], intermediate_layer_idx=[0, 1, 0, 1]),
-    "depth_head": None, "track_head": None,
-}
+from test_train import TINY_MODEL as TINY_VGGT  # noqa: E402  (the same tiny VGGT)
 
 
 @pytest.fixture(scope="module")
