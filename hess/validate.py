@@ -26,18 +26,14 @@ from hess.config import ConfigError, RunConfig
 from hess.registry import Registry
 
 PATCH_SIZE = 14  # every model family here (VGGT, π³, hess-tiny) patchifies with DINOv2's 14-pixel patches
-#: metric names of an evaluation (``hess.rq.measure.scene_metrics``); acc / comp are the two halves of
-#: chamfer (accuracy, completeness) that the defaults list
-EVAL_METRICS = ("auc30", "auc15", "rra15", "rta15", "rra30", "rta30", "chamfer", "point_err", "chamfer_f0",
-                "abs_rel", "acc", "comp")
 
 
 def eval_metric_names() -> tuple[str, ...]:
-    """What ``eval.metrics`` may name: the groups of ``hess.rq.measure.METRIC_GROUPS`` and their metrics."""
+    """What ``eval.metrics`` may name: the groups of ``hess.rq.measure.METRIC_GROUPS`` and their metrics
+    (the one list ``scene_metrics`` selects from)."""
     from hess.rq.measure import METRIC_GROUPS
 
-    names = dict.fromkeys([*METRIC_GROUPS, *(k for keys in METRIC_GROUPS.values() for k in keys), *EVAL_METRICS])
-    return tuple(names)
+    return tuple(dict.fromkeys([*METRIC_GROUPS, *(k for keys in METRIC_GROUPS.values() for k in keys)]))
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
