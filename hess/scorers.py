@@ -102,7 +102,8 @@ class EntropyCore(nn.Module):
         return out
 
 
-def _layers(model: nn.Module) -> list[Attention]:
+def global_layers(model: nn.Module) -> list[Attention]:
+    """``model.global_attention_layers()``, checked: a hess model with at least one global layer."""
     if not hasattr(model, "global_attention_layers"):
         raise TypeError(f"{type(model).__name__} has no global_attention_layers(); it is not a hess model")
     layers = list(model.global_attention_layers())
@@ -127,7 +128,7 @@ def head_importance(model: nn.Module, scenes: Sequence[Any], error_fn: ErrorFn) 
         [L, H] float64, non-negative.
     """
     _check_scenes(scenes)
-    layers = _layers(model)
+    layers = global_layers(model)
     device = layers[0].qkv.weight.device
     total = torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64)
     with grad_only_for(model), wrapped_cores(layers, lambda l, c: GatedCore(c, layers[l].num_heads, device)) as cores:
@@ -150,7 +151,7 @@ def attention_entropy(model: nn.Module, scenes: Sequence[Any], forward_fn: Forwa
         [L, H] float64 in [0, log N].
     """
     _check_scenes(scenes)
-    layers = _layers(model)
+    layers = global_layers(model)
     with grad_only_for(model), torch.no_grad(), wrapped_cores(layers, lambda l, c: EntropyCore(c, layers[l].num_heads)) as cores:
         for scene in scenes:
             forward_fn(model, scene)
@@ -204,7 +205,7 @@ def oracle_sensitivity(model: nn.Module, scenes: Sequence[Any], error_fn: ErrorF
     _check_scenes(scenes)
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    layers = _layers(model)
+    layers = global_layers(model)
     delta = torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64)
     pairs = [(l, h) for l in range(len(layers)) for h in range(layers[l].num_heads)]
     with grad_only_for(model), torch.no_grad():
@@ -241,7 +242,7 @@ def oracle_deltas(model: nn.Module, scenes: Sequence[Any], prepare: PrepareFn, m
     _check_scenes(scenes)
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    layers = _layers(model)
+    layers = global_layers(model)
     pairs = [(l, h) for l in range(len(layers)) for h in range(layers[l].num_heads)]
     with grad_only_for(model), torch.no_grad():
         states = [prepare(model, s) for s in scenes]

@@ -42,7 +42,7 @@ from hess.budget import base_blocks
 from hess.calibrate import (CalibConfig, _checkpointing, _device, calibration_errors, error_targets,
                             model_fingerprint, predict_geometry, prepare_scene)
 from hess.data.scene import Scene
-from hess.scorers import grad_only_for, wrapped_cores
+from hess.scorers import global_layers, grad_only_for, wrapped_cores
 from hess.scoring import ERRORS, HeadScores, cached_calibration
 
 KIND = "sparsity-taylor"
@@ -93,15 +93,6 @@ class TaylorProbeCore(nn.Module):
         return out + self.probe[None, :, None, None] * self.delta
 
 
-def _layers(model: nn.Module) -> list:
-    if not hasattr(model, "global_attention_layers"):
-        raise TypeError(f"{type(model).__name__} has no global_attention_layers(); it is not a hess model")
-    layers = list(model.global_attention_layers())
-    if not layers:
-        raise ValueError("model.global_attention_layers() is empty")
-    return layers
-
-
 def taylor_scene(model: nn.Module, scene: Scene, config: CalibConfig, keep_ratio: float, *, min_blocks: int = 1,
                  q_block: int = 128, k_block: int = 64, backend: str = "auto") -> tuple[Tensor, dict]:
     """Signed first-order ``Δe`` of one prepared scene: ([2 (cam, pc), L, H] float64, info).
@@ -109,7 +100,7 @@ def taylor_scene(model: nn.Module, scene: Scene, config: CalibConfig, keep_ratio
     One dense forward (with the sparse outputs of every global layer computed alongside) and one
     backward per error.  The caller freezes the parameters (``grad_only_for(model)``).
     """
-    layers = _layers(model)
+    layers = global_layers(model)
     H = layers[0].num_heads
     out = torch.zeros(len(ERRORS), len(layers), H, dtype=torch.float64)
     make = lambda _, core: TaylorProbeCore(core, keep_ratio, min_blocks, q_block, k_block, backend)  # noqa: E731
@@ -263,7 +254,7 @@ def measured_change(model: nn.Module, scenes: Sequence[Scene], config: CalibConf
     """
     from tqdm.auto import tqdm
 
-    layers = _layers(model)
+    layers = global_layers(model)
     L, H = len(layers), layers[0].num_heads
     device = _device(model, config)
     out = torch.zeros(len(ERRORS), len(scenes), L, H, dtype=torch.float64)
