@@ -72,7 +72,6 @@ class Objective:
     aux: Callable[[Any, nn.Module], list[nn.Module]]
     losses: Callable[..., dict[str, Tensor]]
     default_model: dict[str, Any]
-    loss_names: tuple[str, ...]
 
 
 OBJECTIVES: Registry[Objective] = Registry("training objective")
@@ -126,8 +125,7 @@ def _vggt_losses(model: nn.Module, aux: list[nn.Module], probes: list, batch: di
     return out
 
 
-OBJECTIVES.register("vggt")(Objective(_vggt_build, _vggt_aux, _vggt_losses, TINY_MODEL_CONFIG,
-                                      ("camera", "point", "attn", "loc", "dir", "probe")))
+OBJECTIVES.register("vggt")(Objective(_vggt_build, _vggt_aux, _vggt_losses, TINY_MODEL_CONFIG))
 
 
 # ------------------------------------------------------------------------------------------- π³
@@ -155,5 +153,4 @@ def _pi3_losses(model: nn.Module, aux: list[nn.Module], probes: list, batch: dic
     return out
 
 
-OBJECTIVES.register("pi3")(Objective(_pi3_build, lambda cfg, model: [], _pi3_losses, TINY_PI3_CONFIG,
-                                     ("camera", "point", "conf", "attn")))
+OBJECTIVES.register("pi3")(Objective(_pi3_build, lambda cfg, model: [], _pi3_losses, TINY_PI3_CONFIG))
